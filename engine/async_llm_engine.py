@@ -1,0 +1,189 @@
+"""AsyncLLMEngine: an LLMEngine stepping in a background thread, with per-request async streams.
+
+The step loop runs in its own thread so a long forward pass never blocks the event loop
+that serves HTTP. Adds and aborts are handed to that thread through a queue and applied
+between steps; deltas come back to each request's asyncio.Queue. A consumer slower than
+the engine gets several steps' deltas merged into one item (fewer, larger messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from .config import EngineConfig
+from .llm import merge_delta
+from .llm_engine import EngineStats, LLMEngine, PreparedRequest, PromptType
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._stats = engine.get_stats()
+        self._thread = threading.Thread(target=self._loop, name="rayfleet-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+        return cls(LLMEngine(config))
+
+    # ---- properties the server uses ---------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.engine.eos_token_ids
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.kv.block_size
+
+    def is_healthy(self) -> bool:
+        return not self._stopped and self._error is None and self._thread.is_alive()
+
+    def get_stats(self) -> EngineStats:
+        """Counters as of the end of the last step (read without stopping the loop)."""
+        return self._stats
+
+    # ---- requests ------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas for one request. Raises ValueError for bad input before yielding."""
+        if not self.is_healthy():
+            raise EngineDeadError(f"engine is not running: {self._error!r}")
+        prepared = self.engine.prepare_request(
+            request_id, prompt, sampling_params, time.monotonic(), priority
+        )
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._ops.put(("add", prepared))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                # Merge everything already queued: a slow consumer gets fewer, larger items.
+                merged = None
+                while True:
+                    if isinstance(item, BaseException):
+                        raise item
+                    merged = merge_delta(merged, item) if merged is not None else item
+                    if merged.finished or stream.queue.empty():
+                        break
+                    item = stream.queue.get_nowait()
+                finished = merged.finished
+                yield merged
+        finally:
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._ops.put(("abort", request_id))
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._ops.put(("abort", request_id))
+        self._wake.set()
+
+    async def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join, 30)
+
+    def shutdown_sync(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(30)
+
+    # ---- the engine thread -----------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _apply_ops(self) -> None:
+        while True:
+            try:
+                op, arg = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                prepared: PreparedRequest = arg
+                try:
+                    self.engine.add_prepared(prepared)
+                except ValueError as e:
+                    self._deliver(prepared.request_id, e)
+            elif op == "abort":
+                self.engine.abort_request(arg)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._apply_ops()
+            if not self.engine.has_unfinished_requests():
+                self._stats = self.engine.get_stats()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:  # a bug or device failure: fail in-flight requests, keep going
+                logger.exception("engine step failed; aborting in-flight requests")
+                self._fail_all(e)
+                continue
+            self._stats = self.engine.get_stats()
+            for d in deltas:
+                self._deliver(d.request_id, d)
+        # Shutdown: end every open stream.
+        self._fail_all(EngineDeadError("engine shut down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._streams_lock:
+            ids = list(self._streams)
+        for rid in ids:
+            self.engine.abort_request(rid)
+            self._deliver(rid, error)
+        for rid in list(self.engine.outputs.states):
+            self.engine.abort_request(rid)

@@ -17,6 +17,7 @@ from .llm import LLM, merge_delta
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
+from .tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 
 __all__ = [
     "AllBlocksCleared",
@@ -36,6 +37,9 @@ __all__ = [
     "RequestOutput",
     "ROOT_HASH",
     "SamplingParams",
+    "apply_chat_template",
+    "eos_token_ids",
+    "load_tokenizer",
     "hash_block",
     "hash_prompt_blocks",
     "merge_delta",

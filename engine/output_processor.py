@@ -59,6 +59,7 @@ class OutputProcessor:
             spaces_between_special_tokens=p.spaces_between_special_tokens,
             stop=p.stop,
             include_stop_str_in_output=p.include_stop_str_in_output,
+            min_tokens=p.min_tokens,
         )
 
     def process_token(

@@ -83,9 +83,7 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(
-                    f"got {len(params)} sampling params for {len(prompts)} prompts"
-                )
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         prepared = [
             self.engine.prepare_request(f"offline-{next(self._ids)}", p, sp)
             for p, sp in zip(prompts, params, strict=True)

@@ -83,9 +83,9 @@ class LLMEngine:
         self.vocab_size = int(self.runner.hf_config.vocab_size)
         self.max_model_len = int(config.max_model_len or self.runner.max_model_len)
         self.model_name = config.served_model_name or (
-            "SmolLM2-135M-Instruct" if config.model is None else os.path.basename(
-                os.path.normpath(config.model)
-            )
+            "SmolLM2-135M-Instruct"
+            if config.model is None
+            else os.path.basename(os.path.normpath(config.model))
         )
         num_blocks = self._num_kv_blocks()
         block_bytes = self.runner.kv_cache_bytes_per_block(config.block_size)
@@ -109,8 +109,12 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         logger.info(
             "engine ready: model=%s device=%s dtype=%s kv_blocks=%d x %d tokens, max_model_len=%d",
-            self.model_path, self.runner.device, self.runner.dtype, num_blocks,
-            config.block_size, self.max_model_len,
+            self.model_path,
+            self.runner.device,
+            self.runner.dtype,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
         )
 
     def _num_kv_blocks(self) -> int:
@@ -161,7 +165,9 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(
+                    f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})"
+                )
         n_prompt = len(ids)
         if n_prompt >= self.max_model_len:
             raise ValueError(

@@ -140,11 +140,19 @@ class OutputProcessor:
             metrics = RequestMetrics(
                 arrival_time=state.arrival_time,
                 first_scheduled_time=min(
-                    (s.request.first_scheduled_time for s in state.samples if s.request.first_scheduled_time),
+                    (
+                        s.request.first_scheduled_time
+                        for s in state.samples
+                        if s.request.first_scheduled_time
+                    ),
                     default=None,
                 ),
                 first_token_time=min(
-                    (s.request.first_token_time for s in state.samples if s.request.first_token_time),
+                    (
+                        s.request.first_token_time
+                        for s in state.samples
+                        if s.request.first_token_time
+                    ),
                     default=None,
                 ),
                 last_token_time=max(

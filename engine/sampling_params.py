@@ -26,7 +26,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    logprobs: int | None = None  # number of top logprobs per generated token (0: only the sampled one)
+    logprobs: int | None = (
+        None  # number of top logprobs per generated token (0: only the sampled one)
+    )
     prompt_logprobs: int | None = None  # accepted for API compatibility; not computed yet
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -45,10 +47,20 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field and value."""
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("n", "top_k", "min_tokens", "max_tokens", "seed", "logprobs"):
             value = getattr(self, name)
@@ -57,7 +69,9 @@ class SamplingParams:
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise ValueError(
+                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+            )
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0.0:
@@ -71,7 +85,9 @@ class SamplingParams:
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}")
+            raise ValueError(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}"
+            )
         if self.repetition_penalty <= 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -41,10 +41,15 @@ def _top(name: str) -> str:
     return name.split(".")[0]
 
 
-@pytest.mark.parametrize("path", files("engine") + files("kernels"), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", files("engine") + files("kernels"), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_engine_and_kernels_import_no_ray_http_or_cluster(path):
-    bad = [n for n in imports_of(path)
-           if _top(n) in {"ray", "fastapi", "starlette", "uvicorn"} or n.startswith("rayfleet.cluster")]
+    bad = [
+        n
+        for n in imports_of(path)
+        if _top(n) in {"ray", "fastapi", "starlette", "uvicorn"} or n.startswith("rayfleet.cluster")
+    ]
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
@@ -56,8 +61,11 @@ def test_kernels_import_nothing_from_engine(path):
 
 @pytest.mark.parametrize("path", files("cluster"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_cluster_uses_only_the_engines_public_names(path):
-    bad = [n for n in imports_of(path)
-           if n.startswith("rayfleet.engine.") and n.split(".")[2] not in _public_engine_names()]
+    bad = [
+        n
+        for n in imports_of(path)
+        if n.startswith("rayfleet.engine.") and n.split(".")[2] not in _public_engine_names()
+    ]
     bad += [n for n in imports_of(path) if n.startswith("rayfleet.kernels")]
     assert not bad, f"{path.relative_to(ROOT)} reaches past rayfleet.engine's __init__: {bad}"
 
@@ -65,14 +73,18 @@ def test_cluster_uses_only_the_engines_public_names(path):
 def _public_engine_names() -> set[str]:
     tree = ast.parse((ROOT / "engine" / "__init__.py").read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", "") == "__all__" for t in node.targets
+        ):
             return {elt.value for elt in node.value.elts} | {"default_model_path"}
     return set()
 
 
 def test_block_hash_is_pure_python():
     names = imports_of(ROOT / "engine" / "block_hash.py")
-    assert all(_top(n) in {"__future__", "struct", "collections", "xxhash", "hashlib"} for n in names), names
+    assert all(
+        _top(n) in {"__future__", "struct", "collections", "xxhash", "hashlib"} for n in names
+    ), names
 
 
 def test_the_checker_sees_a_violation():

@@ -137,8 +137,12 @@ def test_every_request_finishes_when_each_fits_alone(block_size, budget, seed):
     """No deadlock or starvation: with a tiny pool and preemption, every request completes."""
     rng = random.Random(seed)
     num_blocks = 12
-    config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks,
-                          max_num_batched_tokens=budget, max_num_seqs=4)
+    config = EngineConfig(
+        block_size=block_size,
+        num_kv_blocks=num_blocks,
+        max_num_batched_tokens=budget,
+        max_num_seqs=4,
+    )
     kv = KVCacheManager(num_blocks, block_size)
     sched = Scheduler(config, kv)
     capacity = num_blocks * block_size
@@ -205,7 +209,9 @@ def test_eviction_is_lru_and_emits_events():
     c = make_request("c", [7, 7, 7], 1)
     kv.allocate_slots(c, 3)  # needs 2 blocks: a was freed first, so a's blocks go
     batch = kv.events.flush()
-    removed = [h for e in batch.events if type(e).__name__ == "BlockRemoved" for h in e.block_hashes]
+    removed = [
+        h for e in batch.events if type(e).__name__ == "BlockRemoved" for h in e.block_hashes
+    ]
     assert sorted(removed) == sorted(reqs[0].block_hashes)
     snap = kv.snapshot()
     # b's two blocks survive, and c's one full block [7, 7] was stored

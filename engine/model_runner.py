@@ -1,0 +1,269 @@
+"""ModelRunner: turns a SchedulerOutput into flat tensors, runs the model, samples.
+
+One step: copy swapped blocks (swap-outs first, then swap-ins), build the step's flat
+inputs once (token ids, positions, slot mapping, the attention plan from the block tables,
+context lengths and query start offsets), run the model over every scheduled token, compute
+logits only for the chunks that reach their request's last token, and sample those. The
+runner never changes a request's state: the engine appends the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from rayfleet.kernels.attention import AttentionWorkspace, PagedAttentionPlan
+from rayfleet.kernels.cache import swap_blocks
+
+from .config import EngineConfig
+from .model_loader import get_model_architecture, iterate_weights, load_hf_config
+from .models.attention import AttentionMetadata
+from .models.llama import head_dim_of
+from .request import Request
+from .sampler import Sampler, TokenLogprobs
+from .scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, SampledToken] = field(default_factory=dict)  # request id -> token
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def model_context_length(hf_config) -> int:
+    """The longest context the model supports (sliding-window models: the window, since the
+    attention here is full attention)."""
+    n = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    if n <= 0:
+        raise ValueError("the model config has no max_position_embeddings")
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        n = min(n, int(window))
+    return n
+
+
+def _token_slice(req: Request, start: int, n: int) -> list[int]:
+    """req.all_token_ids[start:start + n] without concatenating the whole list."""
+    prompt = req.prompt_token_ids
+    p = len(prompt)
+    if start >= p:
+        return req.output_token_ids[start - p : start - p + n]
+    if start + n <= p:
+        return prompt[start : start + n]
+    return prompt[start:] + req.output_token_ids[: start + n - p]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.hf_config = load_hf_config(model_path)
+        model_cls = get_model_architecture(self.hf_config)
+        limit = model_context_length(self.hf_config)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len ({config.max_model_len}) exceeds the model's context length ({limit})"
+            )
+        self.max_model_len = int(config.max_model_len or limit)
+
+        self.tp_size = config.tensor_parallel_size
+        self.tp_rank = 0
+        if self.tp_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized() or dist.get_world_size() != self.tp_size:
+                raise ValueError(
+                    f"tensor_parallel_size={self.tp_size} needs torch.distributed initialised "
+                    f"with that world size"
+                )
+            self.tp_rank = dist.get_rank()
+
+        self.model = model_cls(
+            self.hf_config,
+            dtype=self.dtype,
+            device=self.device,
+            tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+            max_position=self.max_model_len,
+        )
+        self.model.load_weights(iterate_weights(model_path))
+        self.model.eval()
+        self.sampler = Sampler()
+
+        self.num_layers = int(self.hf_config.num_hidden_layers)
+        self.head_dim = head_dim_of(self.hf_config)
+        self.num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads  # this rank's
+        self.block_size = config.block_size
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        # Decode sequences are attended in chunks of ~4 MiB of gathered keys (cache-sized).
+        self.decode_chunk_tokens = max(
+            self.block_size, (4 << 20) // (self.num_kv_heads * self.head_dim * elem)
+        )
+        self.attn_workspace = AttentionWorkspace()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cpu_kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- KV cache ----------------------------------------------------------------------
+    def kv_cache_bytes_per_block(self, block_size: int | None = None) -> int:
+        bs = block_size or self.block_size
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * bs * self.num_kv_heads * self.head_dim * elem
+
+    def num_blocks_for_budget(self, budget_bytes: int) -> int:
+        return int(budget_bytes // self.kv_cache_bytes_per_block())
+
+    def allocate_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.num_layers)
+        ]
+        self.cpu_kv_caches = []
+        if num_cpu_blocks > 0:
+            cpu_shape = (num_cpu_blocks, *shape[1:])
+            pin = self.device.type == "cuda"
+            self.cpu_kv_caches = [
+                (
+                    torch.zeros(cpu_shape, dtype=self.dtype, pin_memory=pin),
+                    torch.zeros(cpu_shape, dtype=self.dtype, pin_memory=pin),
+                )
+                for _ in range(self.num_layers)
+            ]
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """(device block, cpu block) pairs: device -> CPU."""
+        self._check_swap_space(pairs)
+        for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_kv_caches, strict=True):
+            swap_blocks(k, ck, pairs)
+            swap_blocks(v, cv, pairs)
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """(device block, cpu block) pairs: CPU -> device."""
+        self._check_swap_space(pairs)
+        flipped = [(c, d) for d, c in pairs]
+        for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_kv_caches, strict=True):
+            swap_blocks(ck, k, flipped)
+            swap_blocks(cv, v, flipped)
+
+    def _check_swap_space(self, pairs) -> None:
+        if pairs and not self.cpu_kv_caches:
+            raise ValueError("swap requested but no CPU swap blocks were allocated")
+
+    # ---- one step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if not self.kv_caches:
+            raise ValueError("allocate_kv_cache() must be called before execute_model()")
+        if scheduler_output.blocks_to_swap_out:
+            self.swap_out(scheduler_output.blocks_to_swap_out)
+        if scheduler_output.blocks_to_swap_in:
+            self.swap_in(scheduler_output.blocks_to_swap_in)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        context_lens: list[int] = []
+        query_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        for s in scheduler_output.scheduled:
+            req, n, blocks = s.request, s.num_new_tokens, s.block_ids
+            start = req.num_computed_tokens
+            end = start + n
+            if n < 1 or end > req.num_tokens:
+                raise ValueError(
+                    f"request {req.request_id!r}: cannot compute tokens [{start}, {end}) of "
+                    f"{req.num_tokens}"
+                )
+            if -(-end // bs) > len(blocks):
+                raise ValueError(
+                    f"request {req.request_id!r}: {end} tokens need {-(-end // bs)} blocks of "
+                    f"{bs}, got {len(blocks)}"
+                )
+            if end > self.max_model_len:
+                raise ValueError(
+                    f"request {req.request_id!r}: {end} tokens exceed max_model_len "
+                    f"{self.max_model_len}"
+                )
+            input_ids.extend(_token_slice(req, start, n))
+            if n == 1:
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                rng = range(start, end)
+                positions.extend(rng)
+                slots.extend(blocks[p // bs] * bs + p % bs for p in rng)
+            tables.append(blocks)
+            context_lens.append(end)
+            query_lens.append(n)
+            if s.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sample_reqs.append(req)
+
+        dev = self.device
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        slot_t = torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True)
+        plan = PagedAttentionPlan.build(
+            tables,
+            context_lens,
+            query_lens,
+            bs,
+            dev,
+            workspace=self.attn_workspace,
+            decode_chunk_tokens=self.decode_chunk_tokens,
+        )
+        meta = AttentionMetadata(slot_mapping=slot_t, plan=plan)
+
+        hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
+        if not sample_rows:
+            return ModelRunnerOutput()
+        if len(sample_rows) == hidden.shape[0]:
+            picked = hidden
+        else:
+            picked = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
+        logits = self.model.compute_logits(picked)
+        out = self.sampler(logits, sample_reqs)
+        return ModelRunnerOutput(
+            sampled={
+                r.request_id: SampledToken(tok, lp)
+                for r, tok, lp in zip(sample_reqs, out.token_ids, out.logprobs, strict=True)
+            }
+        )

@@ -1,0 +1,73 @@
+"""The Ray Serve application: an `Ingress` (FastAPI) in front of `LLMServer` replicas.
+
+`build_app(args)` is the entry point for Ray's own tooling and for KubeRay's
+`serveConfigV2` (`import_path: rayfleet.cluster.app:build_app`):
+
+    serve run rayfleet.cluster.app:build_app config=configs/default.yaml engine.num_kv_blocks=256
+
+`args` may name a YAML file (`config`), carry the config tree itself (nested mappings, as
+`serveConfigV2`'s `args:` does), and override single fields with dotted keys; the result is
+validated by `RayfleetConfig`. `rayfleet serve` builds the same application.
+
+Under `serve run` and KubeRay, Serve's own `http_options` (and the `route_prefix` of the
+application) decide where HTTP listens; `server.host` / `server.port` / `server.route_prefix`
+are what `rayfleet serve` passes to Serve. Deployment options in a `serveConfigV2`
+`deployments:` list override the ones built here (Serve's precedence).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from .config import RayfleetConfig, load_config, parse_config
+from .ingress import Ingress
+from .llm_server import LLMServer
+
+LLM_DEPLOYMENT = "LLMServer"
+INGRESS_DEPLOYMENT = "Ingress"
+
+OpenAIIngress = serve.ingress()(Ingress)
+
+
+def config_from_args(args: dict[str, Any] | None) -> RayfleetConfig:
+    """`config` (a YAML path) + nested and dotted overrides -> a validated config."""
+    args = dict(args or {})
+    path = args.pop("config", None)
+    if isinstance(path, dict):  # the tree itself under `config:`
+        args = {**path, **args}
+        path = None
+    return load_config(path, overrides=args)
+
+
+def build_app_from_config(cfg: RayfleetConfig) -> Application:
+    payload = cfg.to_args()
+    llm = serve.deployment(LLMServer, name=LLM_DEPLOYMENT).options(
+        **cfg.replica.deployment_options()
+    )
+    s = cfg.server
+    ingress = serve.deployment(
+        OpenAIIngress,
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=s.num_ingress_replicas,
+        max_ongoing_requests=s.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.ingress_num_cpus},
+    )
+    return ingress.bind(llm.bind(payload), payload, LLM_DEPLOYMENT)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Ray Serve's application builder (see the module docstring)."""
+    return build_app_from_config(config_from_args(args))
+
+
+__all__ = [
+    "INGRESS_DEPLOYMENT",
+    "LLM_DEPLOYMENT",
+    "build_app",
+    "build_app_from_config",
+    "config_from_args",
+    "parse_config",
+]

@@ -1,0 +1,229 @@
+"""LLMServer: the replica deployment. Each replica owns one `AsyncLLMEngine`.
+
+The ingress calls `generate(GenerateRequest)` through a streaming `DeploymentHandle`; the
+replica streams `StreamDelta`s back. Whatever the engine produced while the previous item
+was on its way is merged into the next one, so a busy replica sends fewer, larger items
+(adaptive coalescing: at low load every engine step is its own item, adding no latency).
+
+Cancelling the stream (client disconnect: the ingress cancels the handle response) cancels
+the engine consumer, which aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+from rayfleet.engine import AsyncLLMEngine, Logprob, SamplingParams
+
+from .config import parse_config
+from .metrics import ReplicaMetrics
+
+logger = logging.getLogger("ray.serve")
+
+STATS_INTERVAL_S = 1.0
+
+
+@dataclass
+class GenerateRequest:
+    """What the ingress sends a replica: token ids (or text) and sampling parameters."""
+
+    request_id: str
+    prompt: list[int] | str
+    params: SamplingParams
+    priority: int = 0
+    endpoint: str = ""  # for the log line: "chat" | "completions"
+    prompt_text: str | None = None  # only when prompts are to be logged
+
+
+@dataclass(slots=True)
+class SampleDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class StreamDelta:
+    samples: list[SampleDelta] = field(default_factory=list)
+    finished: bool = False
+    num_prompt_tokens: int | None = None  # set on the first item
+    num_cached_tokens: int = 0
+    replica: str | None = None  # set on the first item
+    error: str | None = None  # invalid input (HTTP 400); the only item of its stream
+
+
+class LLMServer:
+    """One model replica (wrapped with `serve.deployment` by `app.build_app`)."""
+
+    async def __init__(self, config: dict[str, Any]):
+        self.config = parse_config(config)
+        try:
+            ctx = serve.get_replica_context()
+            self.replica = ctx.replica_id.unique_id
+        except Exception:  # constructed outside Serve (tests, benchmarks)
+            self.replica = "local"
+        self.engine = AsyncLLMEngine.from_config(self.config.engine_config())
+        self.model_name = self.engine.model_name
+        self.metrics = ReplicaMetrics(self.model_name, self.replica)
+        self._log_requests = self.config.server.log_requests
+        self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def generate(self, req: GenerateRequest):
+        """Stream a request's deltas; the first item carries the prompt length.
+
+        The engine merges whatever piled up while the previous item was on its way into
+        the next one, so a busy replica sends fewer, larger items through Ray.
+        """
+        arrival = time.monotonic()
+        agen = self.engine.generate(req.prompt, req.params, req.request_id, req.priority)
+        finished = False
+        num_prompt = 0
+        num_out = 0
+        finish_reasons: dict[int, str] = {}
+        first_token_at: float | None = None
+        last_token_at: float | None = None
+        itls: list[float] = []
+        engine_metrics = None
+        try:
+            try:
+                out = await agen.__anext__()
+            except ValueError as e:  # invalid input: the engine queued nothing
+                finished = True
+                finish_reasons = {0: "error"}
+                yield StreamDelta(error=str(e), finished=True)
+                return
+            first = True
+            while True:
+                now = time.monotonic()
+                d = self._delta(out, first)
+                if first:
+                    num_prompt = len(out.prompt_token_ids)
+                    first = False
+                for s in d.samples:
+                    num_out += len(s.token_ids)
+                    if s.finish_reason is not None:
+                        finish_reasons[s.index] = s.finish_reason
+                    if s.index == 0 and s.token_ids:
+                        k = len(s.token_ids)
+                        if first_token_at is None:
+                            first_token_at = now
+                            k -= 1
+                        if last_token_at is not None and k > 0:
+                            itls.extend([(now - last_token_at) / k] * k)
+                        last_token_at = now
+                if out.finished:
+                    finished = True
+                    engine_metrics = out.metrics
+                yield d
+                if finished:
+                    return
+                out = await agen.__anext__()
+        finally:
+            await agen.aclose()  # not finished: the engine aborts it and frees its blocks
+            if not finished:
+                finish_reasons = {0: "abort"}
+            if finish_reasons.get(0) != "error":
+                self._record(
+                    req, arrival, num_prompt, num_out, finish_reasons, first_token_at, itls,
+                    engine_metrics,
+                )  # fmt: skip
+
+    def _delta(self, out: Any, first: bool) -> StreamDelta:
+        return StreamDelta(
+            samples=[
+                SampleDelta(
+                    c.index, c.text, list(c.token_ids), c.logprobs, c.finish_reason, c.stop_reason
+                )
+                for c in out.outputs
+            ],
+            finished=out.finished,
+            num_prompt_tokens=len(out.prompt_token_ids) if first else None,
+            num_cached_tokens=out.num_cached_tokens,
+            replica=self.replica if first else None,
+        )
+
+    def _record(
+        self,
+        req: GenerateRequest,
+        arrival: float,
+        num_prompt: int,
+        num_out: int,
+        finish_reasons: dict[int, str],
+        first_token_at: float | None,
+        itls: list[float],
+        em: Any,
+    ) -> None:
+        now = time.monotonic()
+        reason = finish_reasons.get(0) or next(iter(finish_reasons.values()), "abort")
+        start = getattr(em, "arrival_time", None) or arrival
+        ftt = getattr(em, "first_token_time", None) or first_token_at
+        end = getattr(em, "finished_time", None) or now
+        sched = getattr(em, "first_scheduled_time", None)
+        ttft = (ftt - start) if ftt is not None else None
+        queue_s = (sched - start) if sched is not None else None
+        try:
+            self.metrics.record_request(reason, ttft, end - start, queue_s, itls)
+        except Exception:  # metrics must never fail a request
+            logger.exception("rayfleet: recording request metrics failed")
+        if self._log_requests:
+            rec: dict[str, Any] = {
+                "event": "request",
+                "request_id": req.request_id,
+                "model": self.model_name,
+                "replica": self.replica,
+                "endpoint": req.endpoint,
+                "prompt_tokens": num_prompt,
+                "output_tokens": num_out,
+                "ttft_s": None if ttft is None else round(ttft, 6),
+                "total_s": round(end - start, 6),
+                "finish_reason": reason,
+            }
+            if req.prompt_text is not None:
+                rec["prompt"] = req.prompt_text
+            logger.info("rayfleet.request %s", json.dumps(rec))
+
+    # -- introspection ----------------------------------------------------------------------
+
+    async def model_info(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "max_model_len": int(self.engine.max_model_len),
+            "eos_token_ids": list(self.engine.eos_token_ids or []),
+            "replica": self.replica,
+        }
+
+    async def get_stats(self) -> dict[str, Any]:
+        """The engine's stats as a dict (tests check free blocks return to their idle value)."""
+        s = self.engine.get_stats()
+        return {k: getattr(s, k) for k in s.__dataclass_fields__}
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose engine died is replaced."""
+        if not self.engine.is_healthy():
+            raise RuntimeError(f"replica {self.replica}: engine is not healthy")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            try:
+                self.metrics.record_stats(self.engine.get_stats())
+            except Exception:
+                logger.exception("rayfleet: recording engine stats failed")
+            await asyncio.sleep(STATS_INTERVAL_S)
+
+    async def __del__(self):
+        if getattr(self, "_stats_task", None) is not None:
+            self._stats_task.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            await engine.shutdown()

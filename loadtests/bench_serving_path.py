@@ -1,0 +1,419 @@
+"""What the serving path costs: TTFT and inter-token latency through HTTP + Ray Serve versus
+the same engine called directly, on the default model, at concurrency 1 and 16.
+
+    python -m rayfleet.loadtests.bench_serving_path [--concurrency 1 16] [--max-tokens 32]
+
+One process holds both: an `AsyncLLMEngine` driven in-process (the floor) and a local Ray
+cluster (inside a loopback-only network namespace when run as root, HOME in a temporary
+folder, nothing left behind) serving `rayfleet.cluster.app` with the same engine config,
+its replica holding all CPUs (the same torch thread count). The two paths take turns, in
+rounds of `concurrency` requests each (which one goes first alternates), on the same
+distinct random token-id prompts (no prefix-cache hits), `ignore_eos`, fixed `max_tokens`,
+greedy. Taking turns matters on a shared machine: both paths see the same background load,
+which would otherwise swamp a millisecond-sized difference.
+
+TTFT: request sent -> first chunk carrying tokens. ITL: gaps between consecutive chunks that
+carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency - TTFT) /
+(tokens - 1) per request. The overhead rows are serving minus direct, of the medians and of
+the per-pair differences. Prints a table and writes JSON (`--result-dir`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(path: str, conc: int, results: list[dict], wall: float) -> dict[str, Any]:
+    ttft = [r["ttft"] for r in results]
+    itl = [g for r in results for g in r["itl"]]
+    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "path": path,
+        "concurrency": conc,
+        "requests": len(results),
+        "output_tokens": tokens,
+        "ttft_ms": {
+            "p50": _pct(ttft, 0.5) * 1e3,
+            "p90": _pct(ttft, 0.9) * 1e3,
+            "p99": _pct(ttft, 0.99) * 1e3,
+            "mean": statistics.fmean(ttft) * 1e3,
+        },
+        "itl_ms": {
+            "p50": _pct(itl, 0.5) * 1e3,
+            "p90": _pct(itl, 0.9) * 1e3,
+            "p99": _pct(itl, 0.99) * 1e3,
+            "mean": statistics.fmean(itl) * 1e3,
+        },
+        "tpot_ms": {"p50": _pct(tpot, 0.5) * 1e3, "mean": statistics.fmean(tpot) * 1e3},
+        "tokens_per_chunk": tokens / max(1, len(itl) + len(results)),
+        "output_tok_s": tokens / wall,
+        "wall_s": wall,
+    }
+
+
+def make_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    lo, hi = 100, max(200, min(vocab, 40000) - 1)
+    return [[rng.randrange(lo, hi) for _ in range(length)] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: the engine, called directly
+
+
+async def _direct_level(engine, prompts, conc: int, max_tokens: int, tag: str) -> list[dict]:
+    from rayfleet.engine import SamplingParams
+
+    sem = asyncio.Semaphore(conc)
+
+    async def one(i: int, ids: list[int]) -> dict:
+        async with sem:
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            t0 = time.perf_counter()
+            first = last = None
+            itl: list[float] = []
+            ntok = 0
+            async for out in engine.generate(ids, sp, f"{tag}-{i}"):
+                k = sum(len(o.token_ids) for o in out.outputs)
+                if not k:
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    itl.append(now - last)
+                last = now
+                ntok += k
+            return {"ttft": first - t0, "itl": itl, "latency": last - t0, "tokens": ntok}
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: HTTP + Ray Serve
+
+
+async def _http_level(base: str, model: str, prompts, conc: int, max_tokens: int) -> list[dict]:
+    import httpx
+
+    sem = asyncio.Semaphore(conc)
+    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as h:
+
+        async def one(ids: list[int]) -> dict:
+            body = {
+                "model": model,
+                "prompt": ids,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            async with sem:
+                t0 = time.perf_counter()
+                first = last = None
+                itl: list[float] = []
+                ntok = 0
+                rid = None
+                async with h.stream("POST", base + "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        data = line[6:]
+                        if data == "[DONE]":
+                            break
+                        obj = json.loads(data)
+                        rid = rid or obj.get("id")
+                        if obj.get("usage"):
+                            ntok = obj["usage"]["completion_tokens"]
+                        if not obj.get("choices") or not obj["choices"][0].get("text"):
+                            continue
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        else:
+                            itl.append(now - last)
+                        last = now
+                return {
+                    "ttft": first - t0,
+                    "itl": itl,
+                    "latency": last - t0,
+                    "tokens": ntok,
+                    "id": rid,
+                }
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def engine_ttfts(temp: str) -> dict[str, float]:
+    """request id -> the engine's own TTFT (arrival -> first token), from the replica's log."""
+    out: dict[str, float] = {}
+    logs = Path(temp) / "session_latest" / "logs" / "serve"
+    for f in logs.glob("replica_*LLMServer*.log"):
+        for line in f.read_text(errors="replace").splitlines():
+            if "rayfleet.request " in line:
+                rec = json.loads(line.split("rayfleet.request ", 1)[1])
+                if rec.get("ttft_s") is not None:
+                    out[rec["request_id"]] = rec["ttft_s"]
+    return out
+
+
+def start_serving(engine_cfg: dict, args) -> tuple[str, str]:
+    """Start Ray + Serve with the app; return (base URL, Ray temp folder)."""
+    import ray
+    from ray import serve
+    from rayfleet.cluster.app import build_app
+    from rayfleet.cluster.testing import free_port
+
+    ncpu = args.num_cpus or os.cpu_count() or 2
+    temp = tempfile.mkdtemp(prefix="rfb-", dir="/tmp")  # AF_UNIX path length limit
+    # Ray starts workers at niceness 15; the direct engine runs at 0. On a busy machine that
+    # alone slows the replica (as `rayfleet serve` does, run both at the same priority).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(
+        num_cpus=ncpu,
+        include_dashboard=False,
+        object_store_memory=1 << 30,
+        _temp_dir=temp,
+        log_to_driver=False,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app(
+            {
+                "engine": engine_cfg,
+                "replica": {"max_ongoing_requests": 128, "resources": {"num_cpus": ncpu}},
+            }
+        ),
+        name="rayfleet",
+        route_prefix="/",
+    )
+    return f"http://127.0.0.1:{port}", temp
+
+
+def stop_serving(temp: str) -> None:
+    import shutil
+
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+async def paired(engine_cfg: dict, base: str, temp: str, levels, args) -> tuple[list, list, list]:
+    import httpx
+    from rayfleet.engine import AsyncLLMEngine, EngineConfig
+
+    model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+    engine = AsyncLLMEngine.from_config(EngineConfig(**engine_cfg))
+    try:
+        vocab = len(engine.tokenizer)
+        warm = make_prompts(vocab, 2, args.prompt_len, 999)
+        await _direct_level(engine, warm, 2, 8, "warm")
+        await _http_level(base, model, warm, 2, 8)
+        direct_rows, serving_rows, pairs = [], [], []
+        for conc, n in levels:
+            prompts = make_prompts(vocab, n, args.prompt_len, args.seed + conc)
+            d_res: list[dict] = []
+            s_res: list[dict] = []
+            d_wall = s_wall = 0.0
+            for r, i in enumerate(range(0, n, conc)):
+                batch = prompts[i : i + conc]
+                order = ("d", "s") if r % 2 == 0 else ("s", "d")
+                for which in order:
+                    t0 = time.perf_counter()
+                    if which == "d":
+                        d_res += await _direct_level(
+                            engine, batch, conc, args.max_tokens, f"c{conc}-{i}"
+                        )
+                        d_wall += time.perf_counter() - t0
+                    else:
+                        s_res += await _http_level(base, model, batch, conc, args.max_tokens)
+                        s_wall += time.perf_counter() - t0
+            direct_rows.append(summarize("engine (direct)", conc, d_res, d_wall))
+            serving_rows.append(summarize("HTTP + Ray Serve", conc, s_res, s_wall))
+            pd = [(s["ttft"] - d["ttft"]) * 1e3 for d, s in zip(d_res, s_res, strict=True)]
+            pi = [
+                (_pct(s["itl"], 0.5) - _pct(d["itl"], 0.5)) * 1e3
+                for d, s in zip(d_res, s_res, strict=True)
+            ]
+            pairs.append(
+                {"concurrency": conc, "ttft_diff_p50_ms": _pct(pd, 0.5),
+                 "itl_p50_diff_p50_ms": _pct(pi, 0.5)}
+            )  # fmt: skip
+            print(_row(direct_rows[-1]), flush=True)
+            print(_row(serving_rows[-1]), flush=True)
+            pairs[-1]["_serving"] = s_res
+        await asyncio.sleep(2.0)  # let the replica's log lines reach the file
+        eng = engine_ttfts(temp)
+        for p in pairs:
+            res = p.pop("_serving")
+            path = [(r["ttft"] - eng[r["id"]]) * 1e3 for r in res if r["id"] in eng]
+            p["path_ttft_p50_ms"] = _pct(path, 0.5)
+            p["path_ttft_n"] = len(path)
+        return direct_rows, serving_rows, pairs
+    finally:
+        await engine.shutdown()
+
+
+def _tokenizer():
+    from rayfleet.cluster.config import RayfleetConfig
+    from rayfleet.cluster.ingress import load_tokenizer
+
+    return load_tokenizer(RayfleetConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+_HEADER = (
+    f"{'path':<18} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+    f"{'ITL p99':>8} {'TPOT p50':>9} {'tok/chunk':>9} {'tok/s':>7}"
+)
+
+
+def _row(r: dict) -> str:
+    return (
+        f"{r['path']:<18} {r['concurrency']:>4} {r['requests']:>4} "
+        f"{r['ttft_ms']['p50']:>9.1f} {r['ttft_ms']['p99']:>9.1f} {r['itl_ms']['p50']:>8.2f} "
+        f"{r['itl_ms']['p99']:>8.2f} {r['tpot_ms']['p50']:>9.2f} {r['tokens_per_chunk']:>9.2f} "
+        f"{r['output_tok_s']:>7.1f}"
+    )
+
+
+def report(direct: list[dict], serving: list[dict], pairs: list[dict]) -> list[dict]:
+    print()
+    print("milliseconds")
+    print(_HEADER)
+    for r in direct + serving:
+        print(_row(r))
+    print()
+    print("overhead, serving - direct (ms): of the medians; median of the per-pair differences;")
+    print("path TTFT = client TTFT - the engine's own TTFT (arrival -> first token), per request")
+    print(f"{'conc':>4} {'TTFT p50':>9} {'ITL p50':>8} {'TPOT p50':>9} {'pair TTFT':>10} "
+          f"{'pair ITL':>9} {'path TTFT':>10}")  # fmt: skip
+    deltas = []
+    for d in direct:
+        s = next((x for x in serving if x["concurrency"] == d["concurrency"]), None)
+        if s is None:
+            continue
+        pair = next((x for x in pairs if x["concurrency"] == d["concurrency"]), {})
+        nan = float("nan")
+        delta = {
+            "concurrency": d["concurrency"],
+            "ttft_p50_ms": s["ttft_ms"]["p50"] - d["ttft_ms"]["p50"],
+            "itl_p50_ms": s["itl_ms"]["p50"] - d["itl_ms"]["p50"],
+            "tpot_p50_ms": s["tpot_ms"]["p50"] - d["tpot_ms"]["p50"],
+            "pairwise_ttft_p50_ms": pair.get("ttft_diff_p50_ms", nan),
+            "pairwise_itl_p50_ms": pair.get("itl_p50_diff_p50_ms", nan),
+            "path_ttft_p50_ms": pair.get("path_ttft_p50_ms", nan),
+        }
+        deltas.append(delta)
+        print(f"{delta['concurrency']:>4} {delta['ttft_p50_ms']:>+9.1f} "
+              f"{delta['itl_p50_ms']:>+8.2f} {delta['tpot_p50_ms']:>+9.2f} "
+              f"{delta['pairwise_ttft_p50_ms']:>+10.1f} {delta['pairwise_itl_p50_ms']:>+9.2f} "
+              f"{delta['path_ttft_p50_ms']:>+10.1f}")  # fmt: skip
+    return deltas
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument(
+        "--requests",
+        type=int,
+        nargs="+",
+        default=None,
+        help="requests per level (default: 8 at concurrency 1, 2x concurrency above)",
+    )
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-interval", type=float, default=0.0, help="engine.stream_interval_s")
+    p.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
+    p.add_argument("--result-dir", default="loadtests/results")
+    p.add_argument("--no-netns", action="store_true", help="do not enter a loopback namespace")
+    args = p.parse_args(argv)
+
+    reqs = args.requests or [10 if c == 1 else 2 * c for c in args.concurrency]
+    if len(reqs) != len(args.concurrency):
+        p.error("--requests needs one value per --concurrency")
+    levels = list(zip(args.concurrency, reqs, strict=True))
+    engine_cfg = {
+        "device": "cpu",
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "num_kv_blocks": 1024,
+        "max_num_seqs": 64,
+        "stream_interval_s": args.stream_interval,
+    }
+
+    from rayfleet.cluster.testing import isolated_ray_env, loopback_only
+
+    def run() -> tuple[list, list, list]:
+        base, temp = start_serving(engine_cfg, args)
+        try:
+            print(_HEADER, flush=True)
+            return asyncio.run(paired(engine_cfg, base, temp, levels, args))
+        finally:
+            stop_serving(temp)
+
+    with tempfile.TemporaryDirectory(prefix="rfb-home-") as home:
+        if args.no_netns:
+            direct, serving, pairs = run()
+        else:
+            try:
+                net = loopback_only()
+                net.__enter__()
+            except OSError as e:
+                print(f"bench: no loopback namespace ({e}); use --no-netns", file=sys.stderr)
+                return 2
+            try:
+                with isolated_ray_env(home):
+                    direct, serving, pairs = run()
+            finally:
+                net.__exit__(None, None, None)
+    deltas = report(direct, serving, pairs)
+    out = {
+        "benchmark": "serving_path",
+        "config": {**vars(args), "levels": levels, "engine": engine_cfg},
+        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "results": direct + serving,
+        "overhead": deltas,
+    }
+    d = Path(args.result_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "serving_path.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

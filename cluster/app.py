@@ -42,10 +42,29 @@ def config_from_args(args: dict[str, Any] | None) -> RayfleetConfig:
     return load_config(path, overrides=args)
 
 
+def request_router_options(cfg: RayfleetConfig) -> dict[str, Any]:
+    """`request_router_config` for the LLMServer deployment: rayfleet's router, or nothing
+    (Ray Serve's own power-of-two router) when `router.policy` is power-of-two."""
+    r = cfg.router
+    if r.policy == "power-of-two":
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    from .kv_router import ROUTER_CLASS_PATH
+
+    return {
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_CLASS_PATH,
+            request_router_kwargs=r.model_dump(mode="json"),
+            request_routing_stats_period_s=r.stats_poll_interval_s,
+        )
+    }
+
+
 def build_app_from_config(cfg: RayfleetConfig) -> Application:
     payload = cfg.to_args()
     llm = serve.deployment(LLMServer, name=LLM_DEPLOYMENT).options(
-        **cfg.replica.deployment_options()
+        **cfg.replica.deployment_options(), **request_router_options(cfg)
     )
     s = cfg.server
     ingress = serve.deployment(
@@ -70,4 +89,5 @@ __all__ = [
     "build_app_from_config",
     "config_from_args",
     "parse_config",
+    "request_router_options",
 ]

@@ -1,4 +1,4 @@
-"""The serving config tree: model, engine, replica deployment, server (one pydantic v2 model).
+"""The serving config tree: model, engine, replicas, server, router (one pydantic v2 model).
 
 A YAML file in `configs/`, `rayfleet serve --flags`, `serve run rayfleet.cluster.app:build_app
 key=value` and KubeRay's `serveConfigV2` `args:` all validate through `RayfleetConfig`. Unknown
@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from rayfleet.engine import EngineConfig
+
+from .router_config import RouterConfig
 
 # The default model's served name (SmolLM2-135M-Instruct, fetched from PyPI on first use).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -180,6 +182,7 @@ class RayfleetConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     replica: ReplicaSection = Field(default_factory=ReplicaSection)
     server: ServerSection = Field(default_factory=ServerSection)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     app_name: str = Field("rayfleet", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
 
     @model_validator(mode="after")

@@ -32,6 +32,7 @@ from ray.serve.exceptions import (
 )
 
 from .config import RayfleetConfig, parse_config
+from .kv_router import RouteHint
 from .llm_server import GenerateRequest, StreamDelta
 from .protocol import (
     ChatChoice,
@@ -56,6 +57,7 @@ from .protocol import (
     error_body,
     usage_dict,
 )
+from .routing_policy import QueueFull
 
 logger = logging.getLogger("ray.serve")
 
@@ -207,6 +209,10 @@ class Ingress:
         self._llm = llm_server
         self._stream = llm_server.options(stream=True)
         self._llm_deployment = llm_deployment
+        # rayfleet's request router reads each prompt's block hashes (Serve's own does not).
+        self._route_block_size = (
+            None if self.cfg.router.policy == "power-of-two" else self.cfg.engine.block_size
+        )
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.cfg)
         self._vocab_size = len(self.tokenizer)
         self._tok_strs: dict[int, str] = {}
@@ -315,13 +321,31 @@ class Ingress:
 
     # -- talking to replicas --------------------------------------------------------------------
 
+    def route_hint(self, greq: GenerateRequest) -> RouteHint | None:
+        """What the request router places by: the prompt's chained block hashes (computed
+        exactly as the engine does), its length and priority."""
+        bs = self._route_block_size
+        if bs is None or not isinstance(greq.prompt, list):
+            return None
+        hashes = rf_engine.hash_prompt_blocks(greq.prompt, bs)
+        return RouteHint(tuple(hashes), len(greq.prompt), greq.priority)
+
     async def start(self, greq: GenerateRequest) -> tuple[StreamDelta, Any]:
         """Send a request to a replica; return its first delta and the rest of the stream."""
         await self.check_ready()
         gen = None
         try:
+            if greq.route is None:
+                greq.route = self.route_hint(greq)
             gen = self._stream.generate.remote(greq)
             first = await gen.__anext__()
+        except QueueFull as e:
+            raise ProtocolError(
+                f"The server is at capacity ({e})",
+                429,
+                code="queue_full",
+                headers={"retry-after": e.retry_after_header},
+            ) from None
         except BackPressureError as e:
             retry = self.cfg.server.retry_after_s
             raise ProtocolError(

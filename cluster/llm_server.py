@@ -22,6 +22,7 @@ from ray import serve
 from rayfleet.engine import AsyncLLMEngine, Logprob, SamplingParams
 
 from .config import parse_config
+from .kv_router import RoutingStatsReporter
 from .metrics import ReplicaMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -39,6 +40,9 @@ class GenerateRequest:
     priority: int = 0
     endpoint: str = ""  # for the log line: "chat" | "completions"
     prompt_text: str | None = None  # only when prompts are to be logged
+    # For the request router (`kv_router.RouteHint`: block hashes, length, priority);
+    # the replica ignores it.
+    route: Any = None
 
 
 @dataclass(slots=True)
@@ -75,6 +79,10 @@ class LLMServer:
         self.model_name = self.engine.model_name
         self.metrics = ReplicaMetrics(self.model_name, self.replica)
         self._log_requests = self.config.server.log_requests
+        r = self.config.router
+        self._routing = RoutingStatsReporter(
+            self.engine, self.config.engine.max_num_seqs, kv=r.policy == "kv-aware" and r.kv_events
+        )
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
 
     # -- requests ---------------------------------------------------------------------------
@@ -207,6 +215,11 @@ class LLMServer:
         """The engine's stats as a dict (tests check free blocks return to their idle value)."""
         s = self.engine.get_stats()
         return {k: getattr(s, k) for k in s.__dataclass_fields__}
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Load and KV events for the request router (Serve calls this every
+        `request_routing_stats_period_s`; see `kv_router`)."""
+        return self._routing.report()
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine died is replaced."""

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .config import EngineConfig
+from .kv_events import KVEventBatch, KVSnapshot
 from .llm import merge_delta
 from .llm_engine import EngineStats, LLMEngine, PreparedRequest, PromptType
 from .outputs import RequestOutput
@@ -42,6 +43,9 @@ class AsyncLLMEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
+        # Held by the engine thread while it changes engine state (ops + one step), so
+        # other threads can read a consistent KV view (router stats) between steps.
+        self._engine_lock = threading.Lock()
         self._stopped = False
         self._error: BaseException | None = None
         self._stats = engine.get_stats()
@@ -79,6 +83,16 @@ class AsyncLLMEngine:
     def get_stats(self) -> EngineStats:
         """Counters as of the end of the last step (read without stopping the loop)."""
         return self._stats
+
+    def take_kv_events(self, after_seq: int = -1) -> list[KVEventBatch]:
+        """KV event batches numbered above `after_seq`, read between two engine steps."""
+        with self._engine_lock:
+            return self.engine.take_kv_events(after_seq)
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """The set of cached block hashes, consistent with the event numbering."""
+        with self._engine_lock:
+            return self.engine.kv_snapshot()
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(
@@ -161,17 +175,21 @@ class AsyncLLMEngine:
 
     def _loop(self) -> None:
         while not self._stopped:
-            self._apply_ops()
-            if not self.engine.has_unfinished_requests():
+            with self._engine_lock:
+                self._apply_ops()
+                busy = self.engine.has_unfinished_requests()
+            if not busy:
                 self._stats = self.engine.get_stats()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             try:
-                deltas = self.engine.step()
+                with self._engine_lock:
+                    deltas = self.engine.step()
             except Exception as e:  # a bug or device failure: fail in-flight requests, keep going
                 logger.exception("engine step failed; aborting in-flight requests")
-                self._fail_all(e)
+                with self._engine_lock:
+                    self._fail_all(e)
                 continue
             self._stats = self.engine.get_stats()
             for d in deltas:

@@ -266,9 +266,14 @@ def pending(hint: RouteHint | None, method: str = "generate", rid: str = "req-1"
 
 
 def test_route_hint_is_read_from_the_generate_request():
-    assert route_hint_of(pending(HINT)) == HINT
-    assert route_hint_of(pending(HINT, method="model_info")) is None
-    assert route_hint_of(None) is None
+    # PendingRequest makes an asyncio.Future: build it inside a running loop, as Serve does
+    # (outside one it depends on which earlier test left an event loop set).
+    async def main():
+        assert route_hint_of(pending(HINT)) == HINT
+        assert route_hint_of(pending(HINT, method="model_info")) is None
+        assert route_hint_of(None) is None
+
+    asyncio.run(main())
 
 
 def test_choose_replicas_ranks_only_the_replica_caching_the_prefix():

@@ -118,6 +118,22 @@ def apply_chat_template(tokenizer, messages: list[dict], **kw: Any) -> list[int]
 # ASGI guard: API key and body size, before FastAPI parses anything
 
 
+class _UsageTally:
+    """Token counts of one streamed response, accumulated from its deltas."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = self.completion_tokens = self.cached = 0
+
+    def add(self, d: StreamDelta) -> None:
+        if d.num_prompt_tokens is not None:
+            self.prompt_tokens += d.num_prompt_tokens
+        self.cached = max(self.cached, d.num_cached_tokens)
+        self.completion_tokens += sum(len(s.token_ids) for s in d.samples)
+
+    def usage(self) -> dict[str, Any]:
+        return usage_dict(self.prompt_tokens, self.completion_tokens, self.cached)
+
+
 class _Guard:
     def __init__(self, app, ingress: Ingress):
         self.app = app
@@ -572,59 +588,58 @@ class Ingress:
         )
         return resp.model_dump(exclude_none=False)
 
-    async def _chat_stream(self, rid, created, n, top, include_usage, started):
+    def _chat_stream(self, rid, created, n, top, include_usage, started):
+        tally = _UsageTally()
+        body = self._chat_chunks(rid, created, n, top, include_usage, tally, started)
+        return self._framed_stream(rid, created, chat_chunk, include_usage, tally, body, started)
+
+    async def _chat_chunks(self, rid, created, n, top, include_usage, tally, started):
         model = self.model_name
-        prompt_tokens = completion_tokens = cached = 0
         extra = {"usage": None} if include_usage else {}
+        for i in range(n):
+            yield _sse(
+                chat_chunk(
+                    rid,
+                    created,
+                    model,
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                )
+                | extra
+            )
+        async for _, d in self.iterate(started):
+            tally.add(d)
+            for s in d.samples:
+                if not s.text and s.finish_reason is None and top is None:
+                    continue
+                choice: dict[str, Any] = {
+                    "index": s.index,
+                    "delta": {"content": s.text} if s.text else {},
+                    "logprobs": (
+                        {"content": self._chat_logprobs(s.token_ids, s.logprobs, top)}
+                        if top is not None and s.token_ids
+                        else None
+                    ),
+                    "finish_reason": s.finish_reason,
+                }
+                if s.stop_reason is not None:
+                    choice["stop_reason"] = s.stop_reason
+                yield _sse(chat_chunk(rid, created, model, [choice]) | extra)
+
+    async def _framed_stream(self, rid, created, make_chunk, include_usage, tally, body, started):
+        """Frame a stream's chunks the same way for chat and completions: the final usage
+        chunk, `[DONE]`, an error event if the body fails, and cancelling replica streams."""
         try:
-            for i in range(n):
-                yield _sse(
-                    chat_chunk(
-                        rid,
-                        created,
-                        model,
-                        [
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ],
-                    )
-                    | extra
-                )
-            async for _, d in self.iterate(started):
-                if d.num_prompt_tokens is not None:
-                    prompt_tokens += d.num_prompt_tokens
-                cached = max(cached, d.num_cached_tokens)
-                for s in d.samples:
-                    completion_tokens += len(s.token_ids)
-                    if not s.text and s.finish_reason is None and top is None:
-                        continue
-                    choice: dict[str, Any] = {
-                        "index": s.index,
-                        "delta": {"content": s.text} if s.text else {},
-                        "logprobs": (
-                            {"content": self._chat_logprobs(s.token_ids, s.logprobs, top)}
-                            if top is not None and s.token_ids
-                            else None
-                        ),
-                        "finish_reason": s.finish_reason,
-                    }
-                    if s.stop_reason is not None:
-                        choice["stop_reason"] = s.stop_reason
-                    yield _sse(chat_chunk(rid, created, model, [choice]) | extra)
+            async for item in body:
+                yield item
             if include_usage:
-                yield _sse(
-                    chat_chunk(
-                        rid,
-                        created,
-                        model,
-                        [],
-                        usage_dict(prompt_tokens, completion_tokens, cached),
-                    )
-                )
+                yield _sse(make_chunk(rid, created, self.model_name, [], tally.usage()))
             yield _DONE
         except (asyncio.CancelledError, GeneratorExit):
             raise
@@ -633,6 +648,7 @@ class Ingress:
             yield _sse(error_body(f"stream failed: {e}", "server_error"))
             yield _DONE
         finally:
+            await body.aclose()
             for _, gen in started:
                 gen.cancel()  # a no-op when the stream already finished
 
@@ -712,60 +728,42 @@ class Ingress:
         )
         return resp.model_dump(exclude_none=False)
 
-    async def _completion_stream(self, rid, created, n, top, echo, include_usage, started):
+    def _completion_stream(self, rid, created, n, top, echo, include_usage, started):
+        tally = _UsageTally()
+        body = self._completion_chunks(rid, created, n, top, echo, include_usage, tally, started)
+        return self._framed_stream(
+            rid, created, completion_chunk, include_usage, tally, body, started
+        )
+
+    async def _completion_chunks(self, rid, created, n, top, echo, include_usage, tally, started):
         model = self.model_name
-        prompt_tokens = completion_tokens = cached = 0
         extra = {"usage": None} if include_usage else {}
         offsets: dict[int, int] = {}
         echoed: set[int] = set()
-        try:
-            async for p, d in self.iterate(started):
-                if d.num_prompt_tokens is not None:
-                    prompt_tokens += d.num_prompt_tokens
-                cached = max(cached, d.num_cached_tokens)
-                for s in d.samples:
-                    c = p * n + s.index
-                    completion_tokens += len(s.token_ids)
-                    text = s.text
-                    if echo is not None and c not in echoed:
-                        echoed.add(c)
-                        text = echo[p] + text
-                    if not text and s.finish_reason is None and top is None:
-                        continue
-                    logprobs = None
-                    if top is not None and s.token_ids:
-                        logprobs, offsets[c] = self._completion_logprobs(
-                            s.token_ids, s.logprobs, top, offsets.get(c, 0)
-                        )
-                    choice: dict[str, Any] = {
-                        "index": c,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": s.finish_reason,
-                    }
-                    if s.stop_reason is not None:
-                        choice["stop_reason"] = s.stop_reason
-                    yield _sse(completion_chunk(rid, created, model, [choice]) | extra)
-            if include_usage:
-                yield _sse(
-                    completion_chunk(
-                        rid,
-                        created,
-                        model,
-                        [],
-                        usage_dict(prompt_tokens, completion_tokens, cached),
+        async for p, d in self.iterate(started):
+            tally.add(d)
+            for s in d.samples:
+                c = p * n + s.index
+                text = s.text
+                if echo is not None and c not in echoed:
+                    echoed.add(c)
+                    text = echo[p] + text
+                if not text and s.finish_reason is None and top is None:
+                    continue
+                logprobs = None
+                if top is not None and s.token_ids:
+                    logprobs, offsets[c] = self._completion_logprobs(
+                        s.token_ids, s.logprobs, top, offsets.get(c, 0)
                     )
-                )
-            yield _DONE
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as e:
-            logger.exception("rayfleet ingress: stream %s failed", rid)
-            yield _sse(error_body(f"stream failed: {e}", "server_error"))
-            yield _DONE
-        finally:
-            for _, gen in started:
-                gen.cancel()
+                choice: dict[str, Any] = {
+                    "index": c,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": s.finish_reason,
+                }
+                if s.stop_reason is not None:
+                    choice["stop_reason"] = s.stop_reason
+                yield _sse(completion_chunk(rid, created, model, [choice]) | extra)
 
     # -- small endpoints ----------------------------------------------------------------------
 

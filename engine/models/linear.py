@@ -45,6 +45,8 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
 
 
 class _ParallelLinearBase(nn.Module):
+    """Shared parameters and forward; each subclass defines `weight_loader` for its split."""
+
     def __init__(
         self,
         in_features: int,
@@ -70,9 +72,6 @@ class _ParallelLinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-
-    def weight_loader(self, param, loaded_weight, shard_id=None):  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from rayfleet.kernels import cpu_kernels
 from rayfleet.kernels.attention import AttentionWorkspace, PagedAttentionPlan
 from rayfleet.kernels.cache import swap_blocks
 
@@ -132,8 +133,12 @@ class ModelRunner:
         )
         self.model.load_weights(iterate_weights(model_path))
         self.model.eval()
+        # The C++ CPU kernels (built on first use; RAYFLEET_CPU_KERNELS=0 turns them off).
+        self.cpu_kernels = self.device.type == "cpu" and cpu_kernels.available()
         if self.device.type == "cpu":
             _use_column_major_weights(self.model)
+        if self.cpu_kernels and hasattr(self.model, "use_fused_cpu_kernels"):
+            self.model.use_fused_cpu_kernels(True)
         self.sampler = Sampler()
 
         self.num_layers = int(self.hf_config.num_hidden_layers)
@@ -267,8 +272,9 @@ class ModelRunner:
             dev,
             workspace=self.attn_workspace,
             decode_chunk_tokens=self.decode_chunk_tokens,
+            use_cpu_kernel=self.cpu_kernels,
         )
-        meta = AttentionMetadata(slot_mapping=slot_t, plan=plan)
+        meta = AttentionMetadata(slot_mapping=slot_t, plan=plan, positions=pos_t)
 
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
         if not sample_rows:

@@ -5,11 +5,14 @@ which are its LAST q_i tokens out of `context_lens[i]` tokens whose keys/values 
 in the cache (chunked prefill, plain prefill and decode are the same thing). Causal: query
 token j of sequence i (absolute position ctx_i - q_i + j) sees keys 0..ctx_i - q_i + j.
 
-CPU fast path (also correct on CUDA): decode rows (q_i == 1) are batched in chunks, padded
-to the chunk's longest context and masked, with the GQA group folded into SDPA's query-length
-axis (no K/V repeat); prefill rows gather their sequence's K/V once and call SDPA. Gathers
-copy whole blocks into buffers of a reusable `AttentionWorkspace`. The per-step index work
-lives in a `PagedAttentionPlan` built once per step and shared by every layer.
+On the CPU, decode rows (q_i == 1) go to the C++ kernel `kernels/csrc/
+paged_decode_attention.cpp`, which reads K/V in place from the cache (`cpu_kernels`), when it
+could be built. Otherwise (and on CUDA, until GPU kernels land) decode rows are batched in
+chunks, padded to the chunk's longest context and masked, with the GQA group folded into
+SDPA's query-length axis (no K/V repeat). Prefill rows gather their sequence's K/V once and
+call SDPA. Gathers copy whole blocks into buffers of a reusable `AttentionWorkspace`. The
+per-step index work lives in a `PagedAttentionPlan` built once per step and shared by every
+layer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from . import cpu_kernels
 
 
 class AttentionWorkspace:
@@ -58,6 +63,16 @@ class _DecodeChunk:
 
 
 @dataclass
+class _DecodeBatch:
+    """All single-token sequences of the step, for the C++ kernel (no padding, no gather)."""
+
+    block_tables: torch.Tensor  # [n, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor  # [n] int32
+    rows: torch.Tensor  # [n] int64: each sequence's query row
+    all_rows: bool  # the rows are exactly 0..T-1 (a pure decode step)
+
+
+@dataclass
 class _PrefillSeq:
     start: int  # first query row
     end: int  # one past the last query row
@@ -73,6 +88,7 @@ class PagedAttentionPlan:
     num_tokens: int
     block_size: int
     decode_chunks: list[_DecodeChunk] = field(default_factory=list)
+    decode_batch: _DecodeBatch | None = None
     prefills: list[_PrefillSeq] = field(default_factory=list)
     workspace: AttentionWorkspace | None = None
 
@@ -87,11 +103,14 @@ class PagedAttentionPlan:
         *,
         workspace: AttentionWorkspace | None = None,
         decode_chunk_tokens: int = 8192,
+        use_cpu_kernel: bool | None = None,
     ) -> PagedAttentionPlan:
         """From plain Python lists (no device syncs). `block_tables[i]` needs at least
-        ceil(context_lens[i] / block_size) entries. Decode sequences are attended in chunks
-        of about `decode_chunk_tokens` gathered (padded) tokens, so each chunk's K/V stays
-        in cache between the gather and the attention."""
+        ceil(context_lens[i] / block_size) entries. Decode sequences go to the C++ CPU
+        kernel when `use_cpu_kernel` (None: when the device is the CPU and the kernel is
+        built); otherwise they are attended in chunks of about `decode_chunk_tokens`
+        gathered (padded) tokens, so each chunk's K/V stays in cache between the gather and
+        the attention."""
         n = len(context_lens)
         if len(block_tables) != n or len(query_lens) != n:
             raise ValueError(
@@ -123,6 +142,11 @@ class PagedAttentionPlan:
                 ids = torch.tensor(list(block_tables[i][:nb]), dtype=torch.long, device=device)
                 plan.prefills.append(_PrefillSeq(row, row + q, ctx, ids, mask))
             row += q
+        if use_cpu_kernel is None:
+            use_cpu_kernel = torch.device(device).type == "cpu" and cpu_kernels.available()
+        if decode and use_cpu_kernel:
+            plan.decode_batch = _decode_batch(decode, block_tables, block_size, plan.num_tokens)
+            return plan
         chunk: list[tuple[int, int, int]] = []
         chunk_nb = 0
         for item in decode:
@@ -156,6 +180,22 @@ def _decode_chunk(items, block_tables, block_size, device) -> _DecodeChunk:
         mask = (torch.arange(max_len, device=device)[None, :] < lt[:, None])[:, None, None, :]
     return _DecodeChunk(
         row_sel, len(items), torch.tensor(ids, dtype=torch.long, device=device), max_len, mask
+    )
+
+
+def _decode_batch(items, block_tables, block_size, num_tokens) -> _DecodeBatch:
+    nbs = [-(-ctx // block_size) for _, _, ctx in items]
+    width = max(nbs)
+    table = [
+        list(block_tables[i][:nb]) + [0] * (width - nb)
+        for (_, i, _), nb in zip(items, nbs, strict=True)
+    ]
+    rows = [r for r, _, _ in items]
+    return _DecodeBatch(
+        block_tables=torch.tensor(table, dtype=torch.int32),
+        context_lens=torch.tensor([c for _, _, c in items], dtype=torch.int32),
+        rows=torch.tensor(rows, dtype=torch.long),
+        all_rows=len(rows) == num_tokens,  # rows ascend, so n == T means 0..T-1
     )
 
 
@@ -213,6 +253,13 @@ def paged_attention(
         and chunks[0].rows.start == 0
     )
     out = None if only_chunk else torch.empty_like(query)
+    db = plan.decode_batch
+    if db is not None:
+        cpu_kernels.paged_decode_attention(
+            query, k_cache, v_cache, db.block_tables, db.context_lens, db.rows, scale, out
+        )
+        if db.all_rows:
+            return out
     for c in chunks:
         k = _gather(k_cache, c.block_ids, ws, "k").view(c.num, -1, hkv, d)[:, : c.max_len]
         v = _gather(v_cache, c.block_ids, ws, "v").view(c.num, -1, hkv, d)[:, : c.max_len]

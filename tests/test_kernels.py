@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from rayfleet.kernels import cpu_kernels
 from rayfleet.kernels.attention import (
     AttentionWorkspace,
     PagedAttentionPlan,
@@ -14,6 +15,16 @@ from rayfleet.kernels.attention import (
     reference_attention,
 )
 from rayfleet.kernels.cache import swap_blocks, write_kv_cache
+
+
+@pytest.fixture(params=["reference", "cpu-kernel"])
+def decode_path(request, monkeypatch):
+    """Run a test with decode rows on the PyTorch reference path and on the C++ CPU kernel
+    (which must build here: RAYFLEET_CPU_KERNELS=1 makes a failed build an error)."""
+    monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "0" if request.param == "reference" else "1")
+    if request.param == "cpu-kernel":
+        assert cpu_kernels.available()
+    return request.param
 
 
 def _setup_batch(seqs, hq, hkv, d, block_size, num_blocks, seed=0, dtype=torch.float32):
@@ -111,7 +122,7 @@ def test_reference_attention_matches_sdpa_for_full_causal():
 
 @pytest.mark.parametrize("block_size", [1, 4, 16, 32])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (9, 3)])
-def test_paged_attention_decode_batch_matches_reference(block_size, hq, hkv):
+def test_paged_attention_decode_batch_matches_reference(block_size, hq, hkv, decode_path):
     seqs = [(ctx, 1) for ctx in (1, 5, 17, 33, 64, 3)]
     d = 32
     args = _setup_batch(seqs, hq, hkv, d, block_size, num_blocks=200 // block_size + 64)
@@ -131,7 +142,9 @@ def test_paged_attention_prefill_matches_reference(block_size):
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_paged_attention_chunked_prefill_queries_are_the_tail_of_the_context(block_size):
+def test_paged_attention_chunked_prefill_queries_are_the_tail_of_the_context(
+    block_size, decode_path
+):
     seqs = [(50, 7), (33, 16), (20, 19)]
     args = _setup_batch(seqs, 6, 3, 16, block_size, num_blocks=128)
     k_cache, v_cache, bt, cl, qsl, dense, query = args
@@ -140,7 +153,7 @@ def test_paged_attention_chunked_prefill_queries_are_the_tail_of_the_context(blo
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_paged_attention_mixed_prefill_and_decode_in_random_order(seed):
+def test_paged_attention_mixed_prefill_and_decode_in_random_order(seed, decode_path):
     rng = random.Random(seed)
     seqs = []
     for _ in range(rng.randint(2, 9)):
@@ -160,7 +173,7 @@ def test_paged_attention_mixed_prefill_and_decode_in_random_order(seed):
     torch.testing.assert_close(out, _expected(seqs, dense, query, scale), atol=3e-5, rtol=1e-4)
 
 
-def test_paged_attention_with_prebuilt_plan_matches_per_call_plan():
+def test_paged_attention_with_prebuilt_plan_matches_per_call_plan(decode_path):
     seqs = [(9, 1), (30, 4), (12, 1), (5, 5)]
     k_cache, v_cache, bt, cl, qsl, dense, query = _setup_batch(seqs, 4, 2, 16, 4, num_blocks=32)
     q_lens = [q for _, q in seqs]
@@ -171,7 +184,7 @@ def test_paged_attention_with_prebuilt_plan_matches_per_call_plan():
     torch.testing.assert_close(a, _expected(seqs, dense, query, 0.25), atol=2e-5, rtol=1e-4)
 
 
-def test_paged_attention_bfloat16_close_to_reference():
+def test_paged_attention_bfloat16_close_to_reference(decode_path):
     seqs = [(20, 1), (17, 17), (40, 3)]
     args = _setup_batch(seqs, 8, 2, 32, 16, num_blocks=16, dtype=torch.bfloat16)
     k_cache, v_cache, bt, cl, qsl, dense, query = args
@@ -204,6 +217,7 @@ def test_decode_chunks_and_reused_workspace_match_reference(chunk_tokens):
         4,
         workspace=ws,
         decode_chunk_tokens=chunk_tokens,
+        use_cpu_kernel=False,
     )
     expect = _expected(seqs, dense, query, 0.25)
     for _ in range(2):  # the second call reuses the workspace buffers
@@ -211,6 +225,39 @@ def test_decode_chunks_and_reused_workspace_match_reference(chunk_tokens):
         torch.testing.assert_close(out, expect, atol=2e-5, rtol=1e-4)
     if chunk_tokens == 1:
         assert len(plan.decode_chunks) == 6  # one decode sequence per chunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_decode_kernel_reads_strided_queries_and_long_contexts(monkeypatch, dtype):
+    """As the model calls it: q is a view into the fused qkv output (row stride > Hq * D),
+    contexts span many blocks, one sequence's rows sit between prefill rows."""
+    monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "1")
+    seqs = [(1000, 1), (37, 37), (1, 1), (513, 1), (64, 1)]
+    hq, hkv, d = 9, 3, 64
+    args = _setup_batch(seqs, hq, hkv, d, 16, num_blocks=120, seed=3, dtype=dtype)
+    k_cache, v_cache, bt, cl, qsl, dense, query = args
+    fused = torch.randn(query.shape[0], hq + 2 * hkv, d, dtype=dtype)
+    fused[:, :hq] = query
+    strided = fused[:, :hq]
+    assert not strided.is_contiguous()
+    plan = PagedAttentionPlan.build(bt.tolist(), cl.tolist(), [q for _, q in seqs], 16)
+    assert plan.decode_batch is not None and not plan.decode_batch.all_rows
+    out = paged_attention(strided, k_cache, v_cache, None, None, None, 0.125, plan=plan)
+    exp = _expected(seqs, dense, query, 0.125)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, exp, atol=2e-5, rtol=1e-4)
+    else:
+        torch.testing.assert_close(out.float(), exp.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_cpu_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "0")
+    assert not cpu_kernels.available()
+    plan = PagedAttentionPlan.build([[0]], [3], [1], 16)
+    assert plan.decode_batch is None and len(plan.decode_chunks) == 1
+    monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "sometimes")
+    with pytest.raises(ValueError, match="RAYFLEET_CPU_KERNELS"):
+        cpu_kernels.available()
 
 
 def test_workspace_grows_and_is_reused():

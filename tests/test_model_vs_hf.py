@@ -130,9 +130,12 @@ TINY_VARIANTS = {
 }
 
 
-@pytest.fixture(params=list(TINY_VARIANTS))
-def tiny(request, tiny_model_factory):
-    return tiny_model_factory(request.param, **TINY_VARIANTS[request.param])
+@pytest.fixture(params=[(v, k) for v in TINY_VARIANTS for k in ("cpu-kernels", "reference")])
+def tiny(request, tiny_model_factory, monkeypatch):
+    """Each tiny variant with the C++ CPU kernels (they must build here) and without."""
+    variant, kernels = request.param
+    monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "1" if kernels == "cpu-kernels" else "0")
+    return tiny_model_factory(variant, **TINY_VARIANTS[variant])
 
 
 def _prompt(n: int, vocab: int, seed: int) -> list[int]:

@@ -21,6 +21,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32
     query_start_loc: torch.Tensor | None = None  # [B + 1] int32
+    positions: torch.Tensor | None = None  # [T] int64, for fused rotary + cache-write kernels
 
 
 class PagedAttention(nn.Module):
@@ -40,5 +41,12 @@ class PagedAttention(nn.Module):
         """q[T, Hq, D], k/v[T, Hkv, D] -> [T, Hq * D]."""
         k_cache, v_cache = kv_cache
         write_kv_cache_unchecked(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Attention only, for callers that already wrote this step's K/V into the cache."""
+        k_cache, v_cache = kv_cache
         out = paged_attention(q, k_cache, v_cache, None, None, None, self.scale, plan=meta.plan)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rayfleet.kernels import cpu_kernels
 from torch import nn
 
 from .attention import AttentionMetadata, PagedAttention
@@ -35,6 +36,8 @@ def head_dim_of(hf_config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
+    fused = False  # C++ CPU kernels: rotary + cache write in one op (set by the model)
+
     def __init__(self, cfg: Any, qkv_bias: bool, o_bias: bool, dtype, device, tp_rank, tp_size):
         super().__init__()
         self.head_dim = head_dim_of(cfg)
@@ -64,12 +67,20 @@ class LlamaAttention(nn.Module):
         t = hidden.shape[0]
         hq, hkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(hidden).view(t, hq + 2 * hkv, self.head_dim)
+        if self.fused:
+            cpu_kernels.rotary_embedding_and_cache(
+                qkv, meta.positions, rotary.cos_cache, rotary.sin_cache, *kv_cache,
+                meta.slot_mapping, hq, hkv,
+            )  # fmt: skip
+            return self.o_proj(self.attn.attend(qkv[:, :hq], kv_cache, meta))
         qk = rotary.apply(qkv[:, : hq + hkv], cos, sin)  # rotate q and k in one go
         out = self.attn(qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :], kv_cache, meta)
         return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
+    fused = False  # C++ CPU kernels: silu(gate) * up in one op (set by the model)
+
     def __init__(self, cfg: Any, bias: bool, dtype, device, tp_rank, tp_size):
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -83,6 +94,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.fused:
+            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))
         n = self.local_intermediate
         return self.down_proj(F.silu(gate_up[:, :n]) * gate_up[:, n:])
 
@@ -110,6 +123,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    fused = False
+
     def __init__(
         self, cfg: Any, qkv_bias, o_bias, dtype, device, tp_rank, tp_size, max_position=None
     ):
@@ -139,7 +154,12 @@ class LlamaModel(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} kv caches for {len(self.layers)} layers")
         hidden = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions)
+        if self.fused:  # the layers read the rotary tables by position themselves
+            cos = sin = None
+            if meta.positions is None:
+                meta.positions = positions
+        else:
+            cos, sin = self.rotary_emb.cos_sin(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, self.rotary_emb, kv_cache, meta)
@@ -194,6 +214,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def use_fused_cpu_kernels(self, enabled: bool) -> None:
+        """Route RMSNorm (+ residual), rotary (+ cache write) and SiLU-and-mul through the
+        C++ CPU kernels (`rayfleet.kernels.cpu_kernels`, which must be `available()`)."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm | LlamaAttention | LlamaMLP | LlamaModel):
+                m.fused = enabled
 
     # (checkpoint name fragment, fused parameter fragment, shard id)
     stacked_params = (

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import torch
+from rayfleet.kernels import cpu_kernels
 from torch import nn
 
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), computed in float32 like Hugging Face's.
 
-    `forward(x, residual)` first adds the residual and returns (normed, new residual)."""
+    `forward(x, residual)` first adds the residual and returns (normed, new residual). With
+    `fused` (the model's CPU kernels) that pair is one C++ op working in place on both `x`
+    and `residual`, which the decoder layers own (fresh outputs of the previous op)."""
+
+    fused = False  # set by the model when the C++ CPU kernels are in use
 
     def __init__(
         self,
@@ -38,5 +43,8 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x)
+        if self.fused:
+            cpu_kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
         x = residual + x
         return self._norm(x), x

@@ -1,6 +1,7 @@
 """`rayfleet bench ...`: serve (online load against OpenAI-compatible servers), compare
-(two or more result files side by side), engine (offline engine vs transformers), and
-overhead (the client's own cost per streamed token, against a model-less local server).
+(two or more result files side by side), engine (offline engine vs transformers),
+overhead (the client's own cost per streamed token, against a model-less local server), and
+router (the routing policies back to back on a local fleet of replicas).
 
 `rayfleet.cluster.cli` calls `add_bench_parser(subparsers)`; `python -m
 rayfleet.loadtests.cli bench ...` runs the same commands without it.
@@ -95,6 +96,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--suffix-len", type=int, default=64, help="shared-prefix: tokens of each prompt's own"
     )
     w.add_argument(
+        "--hot-fraction",
+        type=float,
+        default=0.8,
+        help="skewed: share of requests that start with the one hot prefix",
+    )
+    w.add_argument(
         "--turns", type=_positive_int, default=4, help="multi-turn: turns per conversation"
     )
     w.add_argument(
@@ -132,7 +139,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--ignore-eos",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="ask for exactly the output length (default: on for random and shared-prefix)",
+        help="ask for exactly the output length (default: on for random, shared-prefix, skewed)",
     )
     s.add_argument("--temperature", type=float, default=None)
     s.add_argument("--top-p", type=float, default=None)
@@ -237,7 +244,7 @@ def run_serve(args) -> int:
         args.output_len = 128
     ignore_eos = args.ignore_eos
     if ignore_eos is None:
-        ignore_eos = args.workload in ("random", "shared-prefix")
+        ignore_eos = args.workload in ("random", "shared-prefix", "skewed")
     extra = dict(args.extra_body or {})
     for key in ("temperature", "top_p", "top_k"):
         if getattr(args, key) is not None:
@@ -278,6 +285,13 @@ def run_serve(args) -> int:
         workload.update(
             num_groups=args.num_groups,
             prompts_per_group=args.prompts_per_group,
+            prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len,
+            output_len=args.output_len,
+        )
+    if args.workload == "skewed":
+        workload.update(
+            hot_fraction=args.hot_fraction,
             prefix_len=args.prefix_len,
             suffix_len=args.suffix_len,
             output_len=args.output_len,
@@ -392,6 +406,12 @@ def _run_overhead(args) -> int:
     return overhead.run(args)
 
 
+def _run_router(args) -> int:
+    from rayfleet.loadtests import bench_router
+
+    return bench_router.run(args)
+
+
 def _guarded(fn):
     """Bad input (ValueError) ends the command with its message and exit code 2."""
 
@@ -406,14 +426,16 @@ def _guarded(fn):
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench` (with serve / compare / engine / overhead) to a CLI's subparsers."""
+    """Add `bench` (with serve / compare / engine / overhead / router) to a CLI's subparsers."""
     bench = subparsers.add_parser(
         "bench",
         help="benchmarks: serving load, engine, comparisons",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = bench.add_subparsers(dest="bench_command", metavar="{serve,compare,engine,overhead}")
+    sub = bench.add_subparsers(
+        dest="bench_command", metavar="{serve,compare,engine,overhead,router}"
+    )
     sub.required = True
 
     serve = sub.add_parser("serve", help="online load against OpenAI-compatible servers")
@@ -436,6 +458,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     ov = sub.add_parser("overhead", help="the client's own cost per streamed token (no model)")
     overhead.add_args(ov)
     ov.set_defaults(func=_guarded(_run_overhead))
+
+    from rayfleet.loadtests import bench_router
+
+    router = sub.add_parser(
+        "router",
+        help="routing policies back to back on a local fleet (kv-aware vs power-of-two)",
+        description=bench_router.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_router.add_args(router)
+    router.set_defaults(func=_guarded(_run_router))
     return bench
 
 

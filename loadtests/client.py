@@ -84,7 +84,10 @@ class StreamingClient:
         """GET a path of the server, or an absolute URL."""
         session = self._session()
         url = path if "://" in path else self.base_url + path
-        async with session.get(url, headers=self.headers) as r:
+        # The session does not decompress (streams are read raw, for speed): ask for plain
+        # bytes, or a server that compresses (Ray's metrics agent gzips) sends undecodable text.
+        headers = {**self.headers, "Accept-Encoding": "identity"}
+        async with session.get(url, headers=headers) as r:
             return r.status, await r.text()
 
     async def first_model(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("random", "shared-prefix", "multi-turn", "jsonl")
+WORKLOADS = ("random", "shared-prefix", "skewed", "multi-turn", "jsonl")
 
 # A "word token" decodes to one space followed by letters (" house"). A sequence of
 # them re-encodes to itself with byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2,
@@ -211,6 +211,49 @@ def shared_prefix_workload(
     return sessions
 
 
+def skewed_workload(
+    src: TokenSource,
+    num_prompts: int,
+    prefix_len: int,
+    suffix_len: int,
+    output_len: int,
+    hot_fraction: float = 0.8,
+    chat: bool = False,
+    shuffle: bool = True,
+) -> list[Session]:
+    """One hot prefix: round(hot_fraction x num_prompts) prompts start with the same
+    `prefix_len` tokens, then `suffix_len` of their own (group 0, meta hot=True); the rest
+    are `prefix_len + suffix_len` tokens of their own that share nothing (group None; their
+    first token differs from the hot prefix's). Every prompt has the same length, so the
+    two kinds differ only in what is cached. The workload a router must not pile onto the
+    replica that caches the hot prefix."""
+    if num_prompts < 1:
+        raise ValueError(f"need >= 1 prompt, got {num_prompts}")
+    if not 0.0 <= hot_fraction <= 1.0:
+        raise ValueError(f"hot fraction must be in [0, 1], got {hot_fraction}")
+    num_hot = round(hot_fraction * num_prompts)
+    hot, hot_ids = src.exact_text(prefix_len)
+    first = hot_ids[0] if hot_ids else None
+    sessions = []
+    for i in range(num_prompts):
+        if i < num_hot:
+            suffix, _ = src.exact_text(suffix_len, prefix_text=hot)
+            text, meta, group = hot + suffix, {"index": i, "hot": True}, 0
+        else:
+            for _ in range(100):
+                text, ids = src.exact_text(prefix_len + suffix_len)
+                if not ids or ids[0] != first:
+                    break
+            meta, group = {"index": i, "hot": False}, None
+        prompt: str | list[dict[str, str]] = [{"role": "user", "content": text}] if chat else text
+        sessions.append(
+            Session([Turn(prompt, output_len, src.count_prompt(prompt))], group=group, meta=meta)
+        )
+    if shuffle:
+        src.rng.shuffle(sessions)
+    return sessions
+
+
 def multi_turn_workload(
     src: TokenSource,
     num_conversations: int,
@@ -370,6 +413,16 @@ def build_workload(args, tokenizer, chat: bool) -> list[Session]:
             args.prefix_len,
             args.suffix_len,
             args.output_len,
+            chat,
+        )
+    if args.workload == "skewed":
+        return skewed_workload(
+            src,
+            n,
+            args.prefix_len,
+            args.suffix_len,
+            args.output_len,
+            args.hot_fraction,
             chat,
         )
     if args.workload == "multi-turn":

@@ -112,3 +112,32 @@ def test_garbage_in_the_stream_is_a_failure_not_a_crash():
 def test_no_text_at_all_is_a_failure():
     out = _run([_chunk(None, "stop"), USAGE, DONE])
     assert not out.success and out.error_reason == "empty response"
+
+
+def test_get_text_asks_for_plain_text_from_a_compressing_server():
+    """Ray's metrics agent gzips /metrics for clients that accept gzip; the client's session
+    does not decompress, so it must not offer gzip."""
+    import gzip
+
+    async def handler(request: web.Request) -> web.Response:
+        body = b"rayfleet:request_success_total 3\n"
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+        return web.Response(body=body, content_type="text/plain")
+
+    async def main():
+        app = web.Application()
+        app.router.add_get("/metrics", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with StreamingClient(f"http://127.0.0.1:{port}", "/v1/completions", "m") as c:
+                return await c.get_text("/metrics")
+        finally:
+            await runner.cleanup()
+
+    status, text = asyncio.run(main())
+    assert status == 200 and text == "rayfleet:request_success_total 3\n"

@@ -7,17 +7,28 @@ inherit it. `isolated_ray_env()` points HOME at a temporary folder and turns Ray
 authentication off (nothing is reachable from outside the namespace), so a test leaves no
 `~/.ray/auth_token` behind. Fetch the default model *before* entering the namespace.
 
-No ray or torch import here.
+`local_serve_cluster()` puts these together for live tests (a Ray cluster and Serve's HTTP
+proxy on loopback, all torn down on exit); `deploy_app()` runs rayfleet's application on it;
+`request_replicas()` reads which LLMServer replica served each request from its log lines.
+
+No ray or torch import at module level.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import json
 import os
+import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
 
@@ -89,3 +100,124 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class NoPrivateNetwork(OSError):
+    """`local_serve_cluster` could not enter a loopback-only network namespace."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCluster:
+    """What `local_serve_cluster` started: where HTTP listens and where Ray keeps its files."""
+
+    base: str  # http://127.0.0.1:PORT, Serve's HTTP proxy
+    temp_dir: Path  # Ray's _temp_dir (logs under session_latest/logs)
+    home: Path
+    model_path: str  # the default model's folder
+    metrics: str | None = None  # Ray's Prometheus export URL, when asked for
+
+
+@contextlib.contextmanager
+def local_serve_cluster(
+    *,
+    num_cpus: int = 2,
+    metrics_export: bool = False,
+    prefix: str = "rf",
+    skip: Callable[[str], object] | None = None,
+) -> Iterator[LocalCluster]:
+    """A throwaway local Ray cluster with Serve's HTTP proxy on 127.0.0.1, in a private
+    loopback-only network namespace with HOME in a temporary folder; torn down (Serve, Ray,
+    the namespace, the folder) on exit.
+
+    Ray's `_temp_dir` is a fresh folder directly under /tmp: its socket paths must stay
+    under 107 bytes (pytest's tmp_path is too deep). Where no namespace can be entered,
+    `skip(reason)` is called (tests pass `pytest.skip`), else `NoPrivateNetwork` is raised.
+    Deploy applications with `deploy_app`.
+    """
+    from rayfleet.engine import default_model_path
+
+    model_path = default_model_path()  # fetch (if needed) while the network is still there
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    home = root / "home"
+    home.mkdir()
+    try:
+        net = loopback_only()
+        try:
+            net.__enter__()
+        except OSError as e:
+            msg = f"needs a private loopback-only network namespace: {e}"
+            if skip is not None:
+                skip(msg)
+            raise NoPrivateNetwork(msg) from e
+        try:
+            with isolated_ray_env(str(home)):
+                import ray
+                from ray import serve
+
+                port = free_port()
+                metrics_port = free_port() if metrics_export else None
+                extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
+                try:  # ray.shutdown() also stops what a failed ray.init started
+                    ray.init(
+                        num_cpus=num_cpus,
+                        include_dashboard=False,
+                        object_store_memory=1 << 30,
+                        _temp_dir=str(root / "r"),
+                        log_to_driver=False,
+                        **extra,
+                    )
+                    serve.start(http_options={"host": "127.0.0.1", "port": port})
+                    yield LocalCluster(
+                        base=f"http://127.0.0.1:{port}",
+                        temp_dir=root / "r",
+                        home=home,
+                        model_path=model_path,
+                        metrics=f"http://127.0.0.1:{metrics_port}/metrics"
+                        if metrics_port
+                        else None,
+                    )
+                finally:
+                    try:
+                        if ray.is_initialized():
+                            serve.shutdown()
+                    finally:
+                        ray.shutdown()
+        finally:
+            net.__exit__(None, None, None)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def deploy_app(
+    config: dict[str, Any], name: str, route_prefix: str = "/", wait: bool = True
+) -> None:
+    """Build rayfleet's application from a config tree and run it under `name` (on the
+    cluster `local_serve_cluster` started; waits until it is running unless told not to)."""
+    from ray import serve
+    from ray.serve import RunTarget
+    from rayfleet.cluster.app import build_app
+
+    serve.run_many(
+        [RunTarget(target=build_app(config), name=name, route_prefix=route_prefix)],
+        wait_for_applications_running=wait,
+    )
+
+
+def request_replicas(
+    temp_dir: Path, app_name: str, request_ids: list[str], timeout_s: float = 15
+) -> list[str | None]:
+    """Each request's LLMServer replica (its `unique_id`), read from the replicas'
+    `rayfleet.request` log lines (written when a request ends); None where none was found
+    within `timeout_s`."""
+    logs = Path(temp_dir) / "session_latest" / "logs" / "serve"
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, str] = {}
+    while True:
+        for f in logs.glob(f"replica_{app_name}_LLMServer_*.log"):
+            for line in f.read_text(errors="replace").splitlines():
+                if "rayfleet.request " in line:
+                    rec = json.loads(line.split("rayfleet.request ", 1)[1])
+                    found[rec["request_id"]] = rec["replica"]
+        if all(i in found for i in request_ids) or time.monotonic() > deadline:
+            return [found.get(i) for i in request_ids]
+        time.sleep(0.5)

@@ -9,13 +9,9 @@ the replica that caches it. Run it with `pytest -m ray tests/test_kv_router.py`.
 from __future__ import annotations
 
 import asyncio
-import json
 import pickle
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -334,100 +330,49 @@ def test_power_of_two_uses_serves_own_router_and_kv_aware_ours():
 
 # ---- through a real cluster ------------------------------------------------------------
 @pytest.mark.ray
-def test_requests_sharing_a_long_prefix_land_on_the_replica_caching_it(tmp_path):
+def test_requests_sharing_a_long_prefix_land_on_the_replica_caching_it():
     import httpx
-    from rayfleet.cluster.testing import free_port, isolated_ray_env, loopback_only
+    from rayfleet.cluster.testing import deploy_app, local_serve_cluster, request_replicas
 
-    home = tmp_path / "home"
-    home.mkdir()
-    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rfkv", dir="/tmp"))
-    try:
-        ctx = loopback_only()
-        ctx.__enter__()
-    except OSError as e:
-        pytest.skip(f"needs a private loopback-only network namespace: {e}")
-    try:
-        with isolated_ray_env(str(home)):
-            import ray
-            from ray import serve
-            from rayfleet.cluster.app import build_app
-            from rayfleet.engine import default_model_path
-
-            port = free_port()
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=1 << 30,
-                _temp_dir=str(ray_tmp),
-                log_to_driver=False,
-            )
-            try:
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
-                serve.run(
-                    build_app(
-                        {
-                            "model": {"path": default_model_path()},
-                            "engine": {
-                                "device": "cpu",
-                                "num_kv_blocks": 96,
-                                "max_model_len": 512,
-                                "max_num_seqs": 8,
-                            },
-                            "replica": {"num_replicas": 2, "resources": {"num_cpus": 1}},
-                            # Placement by KV events alone: the overlay of recent placements
-                            # is forgotten long before the follow-up requests arrive.
-                            "router": {"pending_placement_ttl_s": 0.05},
-                        }
-                    ),
-                    name="kvr",
-                    route_prefix="/",
+    with local_serve_cluster(prefix="rfkv", skip=pytest.skip) as cluster:
+        deploy_app(
+            {
+                "model": {"path": cluster.model_path},
+                "engine": {
+                    "device": "cpu",
+                    "num_kv_blocks": 96,
+                    "max_model_len": 512,
+                    "max_num_seqs": 8,
+                },
+                "replica": {"num_replicas": 2, "resources": {"num_cpus": 1}},
+                # Placement by KV events alone: the overlay of recent placements
+                # is forgotten long before the follow-up requests arrive.
+                "router": {"pending_placement_ttl_s": 0.05},
+            },
+            "kvr",
+        )
+        prefix = " ".join(f"item{i}" for i in range(60))  # ~200 tokens: > 8 blocks
+        ids = []
+        cached = []
+        with httpx.Client(timeout=60) as h:
+            for i in range(5):
+                r = h.post(
+                    cluster.base + "/v1/completions",
+                    json={
+                        "model": "SmolLM2-135M-Instruct",
+                        "prompt": f"{prefix} question {i}:",
+                        "max_tokens": 2,
+                    },
                 )
-                base = f"http://127.0.0.1:{port}"
-                prefix = " ".join(f"item{i}" for i in range(60))  # ~200 tokens: > 8 blocks
-                ids = []
-                cached = []
-                with httpx.Client(timeout=60) as h:
-                    for i in range(5):
-                        r = h.post(
-                            base + "/v1/completions",
-                            json={
-                                "model": "SmolLM2-135M-Instruct",
-                                "prompt": f"{prefix} question {i}:",
-                                "max_tokens": 2,
-                            },
-                        )
-                        assert r.status_code == 200, r.text
-                        body = r.json()
-                        ids.append(body["id"])
-                        details = body["usage"].get("prompt_tokens_details") or {}
-                        cached.append(details.get("cached_tokens", 0))
-                        time.sleep(1.0)  # several stats reports (0.25 s) carry the events
-                replicas = _replicas_of(ray_tmp, ids)
-                assert len(set(replicas)) == 1, replicas
-                assert all(c >= 8 * 16 for c in cached[1:]), cached
-            finally:
-                serve.shutdown()
-                ray.shutdown()
-    finally:
-        ctx.__exit__(None, None, None)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _replicas_of(temp_dir: Path, request_ids: list[str], timeout_s: float = 15) -> list:
-    """Each request's replica, from the replicas' `rayfleet.request` log lines."""
-    logs = temp_dir / "session_latest" / "logs" / "serve"
-    deadline = time.monotonic() + timeout_s
-    found: dict[str, str] = {}
-    while True:
-        for f in logs.glob("replica_kvr_LLMServer_*.log"):
-            for line in f.read_text(errors="replace").splitlines():
-                if "rayfleet.request " in line:
-                    rec = json.loads(line.split("rayfleet.request ", 1)[1])
-                    found[rec["request_id"]] = rec["replica"]
-        if all(i in found for i in request_ids) or time.monotonic() > deadline:
-            return [found.get(i) for i in request_ids]
-        time.sleep(0.5)
+                assert r.status_code == 200, r.text
+                body = r.json()
+                ids.append(body["id"])
+                details = body["usage"].get("prompt_tokens_details") or {}
+                cached.append(details.get("cached_tokens", 0))
+                time.sleep(1.0)  # several stats reports (0.25 s) carry the events
+        replicas = request_replicas(cluster.temp_dir, "kvr", ids)
+        assert len(set(replicas)) == 1, replicas
+        assert all(c >= 8 * 16 for c in cached[1:]), cached
 
 
 def test_a_prompt_no_replica_could_ever_hold_is_sent_on_to_be_refused():
@@ -467,5 +412,34 @@ def test_the_ingress_hashes_match_a_real_engines_kv_events():
             assert c.index.match(["x"], hashes) == {"x": len(hashes)}
         finally:
             await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_router_serve_unpickles_in_another_process_still_reads_the_ingress_hints():
+    """Serve ships the router class pickled *by value* (its whole module): classes defined in
+    kv_router are copies in the caller's process. RouteHint must not be one of them, or every
+    hint fails `isinstance` and kv-aware placement silently falls back to Serve's choice."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    dump = (
+        "import sys\n"
+        "from ray.serve.config import RequestRouterConfig\n"
+        "from rayfleet.cluster.kv_router import ROUTER_CLASS_PATH\n"
+        "c = RequestRouterConfig(request_router_class=ROUTER_CLASS_PATH)\n"
+        "sys.stdout.buffer.write(c.get_serialized_request_router_cls())\n"
+    )
+    blob = subprocess.run([sys.executable, "-c", dump], capture_output=True, check=True).stdout
+    from rayfleet.cluster.kv_router import KVAwareRequestRouter
+
+    cls = cloudpickle.loads(blob)
+    assert cls is not KVAwareRequestRouter  # a copy, as in every ingress replica
+    hint_of = cls.choose_replicas.__globals__["route_hint_of"]
+
+    async def main():
+        assert hint_of(pending(HINT)) == HINT
 
     asyncio.run(main())

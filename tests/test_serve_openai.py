@@ -25,68 +25,32 @@ MAIN_APP = "rayfleet"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from rayfleet.cluster.testing import free_port, isolated_ray_env, loopback_only
+def cluster():
+    from rayfleet.cluster.testing import deploy_app, local_serve_cluster
 
-    tmp = tmp_path_factory.mktemp("ray")
-    home = tmp / "home"
-    home.mkdir()
-    try:
-        ctx = loopback_only()
-        ctx.__enter__()
-    except OSError as e:
-        pytest.skip(f"needs a private loopback-only network namespace: {e}")
-    try:
-        with isolated_ray_env(str(home)):
-            import ray
-            from ray import serve
-            from rayfleet.cluster.app import build_app
-            from rayfleet.engine import default_model_path
-
-            port = free_port()
-            metrics_port = free_port()
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=1 << 30,
-                _temp_dir=str(tmp / "r"),
-                _metrics_export_port=metrics_port,
-                log_to_driver=False,
-            )
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            model = default_model_path()
-            serve.run(
-                build_app(
-                    {
-                        "model": {"path": model},
-                        "engine": {
-                            "device": "cpu",
-                            "dtype": "float32",
-                            "num_kv_blocks": 256,
-                            "max_model_len": MAX_MODEL_LEN,
-                            "max_num_seqs": 40,
-                        },
-                        "replica": {"max_ongoing_requests": 64},
-                        "server": {"api_keys": [API_KEY], "max_request_body_bytes": BODY_LIMIT},
-                    }
-                ),
-                name=MAIN_APP,
-                route_prefix="/",
-            )
-            info = {
-                "base": f"http://127.0.0.1:{port}",
-                "model_path": model,
-                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-                "temp_dir": tmp / "r",
-                "home": home,
-            }
-            try:
-                yield info
-            finally:
-                serve.shutdown()
-                ray.shutdown()
-    finally:
-        ctx.__exit__(None, None, None)
+    with local_serve_cluster(metrics_export=True, prefix="rfoai", skip=pytest.skip) as c:
+        deploy_app(
+            {
+                "model": {"path": c.model_path},
+                "engine": {
+                    "device": "cpu",
+                    "dtype": "float32",
+                    "num_kv_blocks": 256,
+                    "max_model_len": MAX_MODEL_LEN,
+                    "max_num_seqs": 40,
+                },
+                "replica": {"max_ongoing_requests": 64},
+                "server": {"api_keys": [API_KEY], "max_request_body_bytes": BODY_LIMIT},
+            },
+            MAIN_APP,
+        )
+        yield {
+            "base": c.base,
+            "model_path": c.model_path,
+            "metrics": c.metrics,
+            "temp_dir": c.temp_dir,
+            "home": c.home,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -466,22 +430,15 @@ def test_tokenize_detokenize_round_trip(cluster):
 
 
 def _deploy_side_app(name: str, prefix: str, replica: dict, cluster, wait: bool = True) -> str:
-    from ray import serve
-    from ray.serve import RunTarget
-    from rayfleet.cluster.app import build_app
+    from rayfleet.cluster.testing import deploy_app
 
-    app = build_app(
-        {
-            "app_name": name,
-            "model": {"path": cluster["model_path"]},
-            "engine": {"device": "cpu", "num_kv_blocks": 64, "max_model_len": 256},
-            "replica": replica,
-        }
-    )
-    serve.run_many(
-        [RunTarget(target=app, name=name, route_prefix=prefix)],
-        wait_for_applications_running=wait,
-    )
+    config = {
+        "app_name": name,
+        "model": {"path": cluster["model_path"]},
+        "engine": {"device": "cpu", "num_kv_blocks": 64, "max_model_len": 256},
+        "replica": replica,
+    }
+    deploy_app(config, name, route_prefix=prefix, wait=wait)
     return cluster["base"] + prefix
 
 

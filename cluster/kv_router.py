@@ -10,12 +10,14 @@ the routers other than routing stats):
 - Every `request_routing_stats_period_s` the controller calls `LLMServer.record_routing_stats`
   and broadcasts the latest dict to every router (long poll: a router may skip reports).
   `RoutingStatsReporter` builds that dict: the engine's load (running, waiting, free/total
-  KV blocks, block size, max_num_seqs) and its KV events. Because a router may miss
-  reports, each report carries the KV event batches of the last `window_reports` reports,
-  not only the new ones, and a full `KVSnapshot` every `snapshot_every` reports (and
-  whenever the replica's own cursor saw a gap or a new epoch). A router applies the
-  numbered batches (`PrefixIndex.apply_batch`); on a gap or a new epoch it resyncs from the
-  next report that carries a snapshot, keeping its older view of that replica meanwhile.
+  KV blocks, block size, max_num_seqs, queued prefill tokens), the served model's name and
+  its KV events. Because a router may miss reports, each report carries the KV event
+  batches of the last `window_reports` reports, not only the new ones (so a router that
+  missed fewer than that is exact after the next one it gets), and a full `KVSnapshot`
+  every `snapshot_every` reports (and whenever the replica's own cursor saw a gap or a new
+  epoch). A router applies the numbered batches (`PrefixIndex.apply_batch`); on a gap or a
+  new epoch it resyncs from the next report that carries a snapshot, keeping its older
+  view of that replica meanwhile (the one lag by design: at most `snapshot_every` reports).
 - Between reports, the policy's pending-placement overlay counts a prompt as cached on the
   replica it was just sent to, and `ReplicaLoad.inflight` counts requests this router sent
   since that replica's last report (each report resets them; completions since the last
@@ -28,8 +30,10 @@ Calls without a hint (model_info, get_stats, ...) go to Ray's own queue-length c
 
 When the admission queue is full (or a request waited past `queue.max_wait_s`) the request's
 routing future fails with `QueueFull`, which Serve raises from the handle call; the ingress
-answers 429 with Retry-After. Serve's own `max_queued_requests` bound (per caller) still
-applies before the request reaches this router (BackPressureError, also 429).
+answers 429 with Retry-After. Serve's own `max_queued_requests` bound is off (-1) under this
+router unless `replica.max_queued_requests` is set (`app.request_router_options`): it also
+counts the requests waiting here, so it would refuse them before the admission queue is
+full. The queue's length, waits and refusals are Ray metrics (`metrics.RouterMetrics`).
 
 `KVRouterCore` is the Ray-free part (tested without a cluster); `KVAwareRequestRouter` adapts
 it to Serve's `RequestRouter` interface.
@@ -37,7 +41,10 @@ it to Serve's `RequestRouter` interface.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -53,7 +60,9 @@ from rayfleet.engine import (
     KVSnapshot,
 )
 
+from .metrics import RouterMetrics
 from .prefix_index import PrefixIndex
+from .route_hint import RouteHint  # not defined here: see route_hint.py
 from .router_config import RouterConfig
 from .routing_policy import (
     AdmissionQueue,
@@ -69,16 +78,6 @@ logger = logging.getLogger("ray.serve")
 ROUTER_CLASS_PATH = "rayfleet.cluster.kv_router:KVAwareRequestRouter"
 ROUTED_METHOD = "generate"
 _UNKNOWN_BLOCKS = 1 << 30  # a replica that has not reported yet: assume room
-
-
-@dataclass(frozen=True, slots=True)
-class RouteHint:
-    """What the router needs to know about a request (sent by the ingress, ignored by
-    the replica): the chained block hashes of its whole prompt, its length and priority."""
-
-    block_hashes: tuple[int, ...]
-    num_prompt_tokens: int
-    priority: int = 0
 
 
 # ---- KV events as plain data -------------------------------------------------------------
@@ -171,6 +170,7 @@ class RoutingStatsReporter:
             "queued_prefill_tokens": int(getattr(stats, "queued_prefill_tokens", 0)),
             "prefix_cache_queries": stats.prefix_cache_queries,
             "prefix_cache_hits": stats.prefix_cache_hits,
+            "model_name": str(getattr(self.engine, "model_name", "") or ""),
         }
         if self.kv:
             out["kv_batches"], out["kv_snapshot"] = self._kv()
@@ -227,6 +227,7 @@ class KVRouterCore:
         self.exact = isinstance(self.index, PrefixIndex)
         self.replicas: dict[str, _Replica] = {}
         self._reservations: dict[str, _Reservation] = {}
+        self.model_name = ""  # the replicas' served model (from their reports), for metrics
 
     # -- replicas ---------------------------------------------------------------------------
     def add(self, rid: str, max_ongoing: int | None = None) -> None:
@@ -264,6 +265,8 @@ class KVRouterCore:
             return False
         rep.report = stats["report"]
         rep.stats_at = self.clock()
+        if stats.get("model_name"):
+            self.model_name = str(stats["model_name"])
         rep.completed_since = 0
         cap = int(stats.get("max_num_seqs", 128))
         rep.load = ReplicaLoad(
@@ -361,6 +364,16 @@ class KVRouterCore:
                 rep.completed_since += 1
 
 
+def _router_name() -> str:
+    """This router's metrics tag: the ingress replica it runs in, else the process."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica (a driver's DeploymentHandle)
+        return f"pid-{os.getpid()}"
+
+
 def route_hint_of(pending_request: PendingRequest | None) -> RouteHint | None:
     """The request's RouteHint, for `generate` calls that carry one."""
     if pending_request is None:
@@ -384,7 +397,16 @@ class KVAwareRequestRouter(RequestRouter):
     def initialize_state(self, **kwargs: Any) -> None:
         self.router_config = RouterConfig.model_validate(kwargs)
         self.core = KVRouterCore(self.router_config)
-        self.admission = AdmissionQueue.from_config(self.router_config.queue)
+        # Replicas seen dead (a request failed with ActorDiedError) that the controller may
+        # still list until it notices: kept out until a broadcast no longer names them.
+        self._dead: set[str] = set()
+        self.metrics = RouterMetrics(_router_name())
+        self.admission = AdmissionQueue.from_config(
+            self.router_config.queue,
+            on_wait=self.metrics.observe_wait,
+            on_length=self.metrics.set_queue_length,
+            on_reject=self.metrics.rejected,
+        )
 
     # Routing tasks parked on the admission queue only await a future: let one run per
     # waiting request (up to the queue's length), not Serve's 2 x replicas.
@@ -400,6 +422,9 @@ class KVAwareRequestRouter(RequestRouter):
             logger.exception("rayfleet router: admission queue notify failed")
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        if self._dead:
+            self._dead &= {r.replica_id.unique_id for r in replicas}
+            replicas = [r for r in replicas if r.replica_id.unique_id not in self._dead]
         super().update_replicas(replicas)
         changed = False
         present = []
@@ -411,13 +436,33 @@ class KVAwareRequestRouter(RequestRouter):
             except Exception:
                 logger.exception("rayfleet router: bad routing stats from %s", rid)
         self.core.sync(present)
+        self.metrics.set_model_name(self.core.model_name)
         if changed or replicas:
             self._notify()
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
+        self._dead.add(replica_id.unique_id)
         self.core.remove(replica_id.unique_id)
         self._notify()
+
+    def debug_state(self) -> dict[str, Any]:
+        """This router's view as plain data (`Ingress.router_debug`, tests): per replica, the
+        prefix blocks indexed for it and its load; replicas seen dead; the queue's length."""
+        index = self.core.index
+        return {
+            "replicas": {
+                rid: {
+                    "indexed_blocks": index.num_blocks(rid) if index is not None else 0,
+                    "report": rep.report,
+                    **dataclasses.asdict(rep.load),
+                }
+                for rid, rep in self.core.replicas.items()
+            },
+            "serve_replicas": sorted(r.replica_id.unique_id for r in self._replicas_list),
+            "dead": sorted(self._dead),
+            "queue_len": len(self.admission),
+        }
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self.core.complete(replica_id.unique_id, internal_request_id)
@@ -460,6 +505,27 @@ class KVAwareRequestRouter(RequestRouter):
         return []
 
 
+async def router_debug_of(handle: Any) -> dict[str, Any] | None:
+    """`debug_state()` of the KVAwareRequestRouter behind a DeploymentHandle of this process
+    (None under Serve's own router, or before the handle sent anything). Reaches into Serve's
+    internals (`handle._router._asyncio_router._request_router`, ray 2.60) and reads the
+    state on the router's own event loop."""
+    router = getattr(handle, "_router", None)
+    rr = getattr(getattr(router, "_asyncio_router", None), "_request_router", None)
+    # Duck-typed: Serve builds the router from its own copy of this class (the class object
+    # differs from the one imported here, so isinstance fails).
+    if not callable(getattr(rr, "debug_state", None)):
+        return None
+    loop = getattr(router, "_asyncio_loop", None)
+    if loop is None or loop is asyncio.get_running_loop():
+        return rr.debug_state()
+
+    async def read() -> dict[str, Any]:
+        return rr.debug_state()
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), loop))
+
+
 __all__ = [
     "KVAwareRequestRouter",
     "KVRouterCore",
@@ -467,4 +533,5 @@ __all__ = [
     "RouteHint",
     "RoutingStatsReporter",
     "route_hint_of",
+    "router_debug_of",
 ]

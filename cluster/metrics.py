@@ -29,11 +29,28 @@ as Ray documents) and the Grafana dashboards under helm/.
 | rayfleet:inter_token_latency_seconds      | histogram | between consecutive output tokens    |
 | rayfleet:e2e_request_latency_seconds      | histogram | arrival to last token                |
 | rayfleet:request_queue_time_seconds       | histogram | arrival to first scheduled           |
+
+The request router (`kv_router`, in every process that calls the replicas through a
+`DeploymentHandle`: each ingress replica) records its admission queue's metrics with the
+tags `model_name` and `router` (the ingress replica's id, or `pid-<n>` outside a replica);
+sum over `router` for the fleet:
+
+| metric                                    | type      | what                                 |
+|-------------------------------------------|-----------|--------------------------------------|
+| rayfleet:router_queue_length              | gauge     | requests waiting for a replica       |
+| rayfleet:router_queue_wait_time_seconds   | histogram | router arrival to binding (0: at once) |
+| rayfleet:router_queue_rejected            | counter   | 429s; tag reason: full or timeout    |
+
+(`full`: the queue held `router.queue.max_len`; `timeout`: waited past `queue.max_wait_s`.
+Scraped as `ray_rayfleet_router_queue_rejected_total`, like every counter.)
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 _TTFT_BUCKETS = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -55,6 +72,7 @@ _QUEUE_BUCKETS = [
 # `rayfleet:` in documentation and dashboards; `:` is deprecated in Ray's metric names.
 METRIC_PREFIX = "rayfleet_"
 TAG_KEYS = ("model_name", "replica")
+ROUTER_TAG_KEYS = ("model_name", "router")
 
 # EngineStats' cumulative counters -> metric names.
 _COUNTERS = {
@@ -144,3 +162,72 @@ class ReplicaMetrics:
             self.queue_time.observe(max(queue_s, 0.0))
         for x in itls_s:
             self.itl.observe(max(x, 0.0))
+
+
+class RouterMetrics:
+    """The admission queue's metrics, recorded by one request router (see the table above).
+
+    `backend` is `ray.util.metrics` unless given (tests pass a fake with the same `Gauge`,
+    `Counter` and `Histogram`). The model name comes from the replicas' routing stats, so
+    it may be set after creation (`set_model_name`). Recording never raises: a metrics
+    failure must not fail a request.
+    """
+
+    def __init__(self, router: str, model_name: str = "", backend: Any = None) -> None:
+        if backend is None:
+            from ray.util import metrics as backend
+        self.router = router
+        self.model_name = model_name
+        self._length = 0
+        self.queue_length = backend.Gauge(
+            METRIC_PREFIX + "router_queue_length",
+            description="Requests waiting in the router's admission queue",
+            tag_keys=ROUTER_TAG_KEYS,
+        )
+        self.queue_wait_time = backend.Histogram(
+            METRIC_PREFIX + "router_queue_wait_time_seconds",
+            description="Arrival at the router to binding to a replica (s)",
+            boundaries=_QUEUE_BUCKETS,
+            tag_keys=ROUTER_TAG_KEYS,
+        )
+        self.queue_rejected = backend.Counter(
+            METRIC_PREFIX + "router_queue_rejected",
+            description="Requests refused by the admission queue (429), by reason",
+            tag_keys=ROUTER_TAG_KEYS + ("reason",),
+        )
+        self._set_tags()
+
+    def _set_tags(self) -> None:
+        tags = {"model_name": self.model_name, "router": self.router}
+        for m in (self.queue_length, self.queue_wait_time, self.queue_rejected):
+            m.set_default_tags(tags)
+
+    def set_model_name(self, model_name: str) -> None:
+        if not model_name or model_name == self.model_name:
+            return
+        try:
+            self.queue_length.set(0)  # the series under the old name stops at 0, not stale
+            self.model_name = model_name
+            self._set_tags()
+            self.queue_length.set(self._length)
+        except Exception:
+            logger.exception("rayfleet router: metrics failed")
+
+    def set_queue_length(self, n: int) -> None:
+        self._length = n
+        try:
+            self.queue_length.set(n)
+        except Exception:
+            logger.exception("rayfleet router: metrics failed")
+
+    def observe_wait(self, seconds: float) -> None:
+        try:
+            self.queue_wait_time.observe(max(seconds, 0.0))
+        except Exception:
+            logger.exception("rayfleet router: metrics failed")
+
+    def rejected(self, reason: str) -> None:
+        try:
+            self.queue_rejected.inc(1, tags={"reason": reason})
+        except Exception:
+            logger.exception("rayfleet router: metrics failed")

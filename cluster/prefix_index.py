@@ -261,6 +261,11 @@ class PrefixIndex(_BitsetIndex):
         state = self._state.get(replica_id)
         return 0 if state is None else len(state.blocks)
 
+    def blocks(self, replica_id: ReplicaId) -> frozenset[int]:
+        """The block hashes indexed for a replica (to compare with its engine's cache)."""
+        state = self._state.get(replica_id)
+        return frozenset() if state is None else frozenset(state.blocks)
+
 
 class ApproximatePrefixIndex(_BitsetIndex):
     """Prefix index guessed from the router's own placements (KV events off).

@@ -6,6 +6,13 @@ fail at load time (`extra="forbid"`). The cost function the weights feed is spel
 equivalents* (the time it takes the engine to prefill one prompt token), so the terms add up
 to an estimate of how long the request would wait for its first token on that replica.
 
+How it reaches the router: `rayfleet.cluster.app` hands this section to Ray Serve as the
+`LLMServer` deployment's `request_router_kwargs` (unless the policy is power-of-two, which is
+Serve's own router), and every `KVAwareRequestRouter` (one in each process that calls the
+replicas: each ingress replica) validates it again. Nothing is pulled by the router: every
+`stats_poll_interval_s` Serve's controller collects each replica's routing stats (its load
+and its new KV events, `kv_router.RoutingStatsReporter`) and broadcasts them to the routers.
+
 ```yaml
 router:
   policy: kv-aware            # kv-aware | power-of-two | round-robin
@@ -13,8 +20,15 @@ router:
   load_bound_epsilon: 0.5     # hot-prefix bound: no replica above (1+eps) x mean load
   weights: {prefill_token: 2.0, queued_prefill_token: 1.0, running_request: 8.0,
             waiting_request: 64.0, kv_usage: 64.0}
-  queue: {max_len: 1024, min_retry_after_s: 1, max_retry_after_s: 60}
+  stats_poll_interval_s: 0.25 # replicas' load + KV events reach the routers this often
+  queue: {max_len: 1024, min_retry_after_s: 1, max_retry_after_s: 60, max_wait_s: null}
 ```
+
+Under rayfleet's router (kv-aware, round-robin) the admission queue bounds the requests
+waiting per caller: Serve's own `max_queued_requests` is switched off unless
+`replica.max_queued_requests` is set, which then caps `queue.max_len` as well (see
+`rayfleet.cluster.config.ReplicaSection.max_queued_requests`).
+
 """
 
 from __future__ import annotations
@@ -67,9 +81,14 @@ class CostWeights(_Strict):
 
 
 class AdmissionQueueConfig(_Strict):
-    """The fleet-wide admission queue (requests wait here while every replica is full)."""
+    """The admission queue: requests wait here while no replica has room, and bind to the
+    first that has (late binding). Each router keeps one (a router per ingress replica)."""
 
-    max_len: int = Field(1024, ge=0, description="queued requests beyond this get 429")
+    max_len: int = Field(
+        1024,
+        ge=0,
+        description="requests waiting in one router's queue; beyond this: 429 + Retry-After",
+    )
     min_retry_after_s: float = Field(1.0, gt=0, description="Retry-After floor (seconds)")
     max_retry_after_s: float = Field(60.0, gt=0, description="Retry-After ceiling (seconds)")
     max_wait_s: float | None = Field(
@@ -121,11 +140,11 @@ class RouterConfig(_Strict):
     approx_ttl_s: float | None = Field(
         600.0, gt=0, description="approximate index: forget a placement after this; null: never"
     )
-    event_poll_interval_s: float = Field(
-        0.05, gt=0, description="how often the router pulls each replica's KV events"
-    )
     stats_poll_interval_s: float = Field(
-        0.25, gt=0, description="how often the router refreshes each replica's load"
+        0.25,
+        gt=0,
+        description="Serve's request_routing_stats_period_s: how often the controller "
+        "collects each replica's load and new KV events and broadcasts them to the routers",
     )
     queue: AdmissionQueueConfig = Field(default_factory=AdmissionQueueConfig)
     seed: int | None = Field(None, description="tie-break RNG seed; null: random")

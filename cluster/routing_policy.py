@@ -37,7 +37,8 @@ R = TypeVar("R")
 class ReplicaLoad:
     """What the router knows about one replica's load when it places a request.
 
-    The first fields come from the replica's engine stats (they lag by a poll interval);
+    The first fields come from the replica's engine stats, reported through Serve's routing
+    stats (they lag by up to `stats_poll_interval_s`);
     `inflight` / `inflight_prefill_tokens` are requests this router sent since those stats
     were taken, which they do not reflect yet.
     """
@@ -48,7 +49,7 @@ class ReplicaLoad:
     num_free_blocks: int = 0
     num_total_blocks: int = 1
     max_num_seqs: int = 128
-    queued_prefill_tokens: int = 0  # prompt tokens admitted but not yet prefilled
+    queued_prefill_tokens: int = 0  # tokens still to prefill: waiting + unfinished prefills
     block_size: int = 16
     inflight: int = 0
     inflight_prefill_tokens: int = 0
@@ -458,6 +459,8 @@ class AdmissionQueue(Generic[T]):
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float], None] | None = None,
         window: int = 2048,
+        on_length: Callable[[int], None] | None = None,
+        on_reject: Callable[[str], None] | None = None,
     ) -> None:
         if max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {max_len}")
@@ -471,7 +474,11 @@ class AdmissionQueue(Generic[T]):
         self.max_retry_after_s = max_retry_after_s
         self.max_wait_s = max_wait_s
         self._clock = clock
+        # Metric hooks: every admission's wait (0 on the fast path), the queue's length
+        # after each change, each 429 ("full" or "timeout").
         self._on_wait = on_wait
+        self._on_length = on_length
+        self._on_reject = on_reject
         self._heap: list[tuple[int, int, QueueTicket[T]]] = []
         self._seq = itertools.count()
         self._len = 0
@@ -511,11 +518,14 @@ class AdmissionQueue(Generic[T]):
         """Queue an item; raises QueueFull when `max_len` are already waiting."""
         if self._len >= self.max_len:
             self.rejected_total += 1
+            if self._on_reject is not None:
+                self._on_reject("full")
             raise QueueFull(self._len, self.retry_after_s())
         ticket = QueueTicket(item, priority, self._clock(), is_gone)
         heapq.heappush(self._heap, (priority, next(self._seq), ticket))
         self._len += 1
         self.queued_total += 1
+        self._length_changed()
         return ticket
 
     def remove(self, ticket: QueueTicket[T]) -> bool:
@@ -526,11 +536,13 @@ class AdmissionQueue(Generic[T]):
         self._len -= 1
         self.dropped_total += 1
         self._compact()
+        self._length_changed()
         return True
 
     def drain(self, try_bind: Callable[[T], bool]) -> int:
         """Bind queued items in order while `try_bind(item)` succeeds; returns how many."""
         bound = 0
+        before = self._len
         heap = self._heap
         while heap:
             ticket = heap[0][2]
@@ -550,6 +562,8 @@ class AdmissionQueue(Generic[T]):
             self._len -= 1
             self._record_bind(self._clock() - ticket.enqueued_at)
             bound += 1
+        if self._len != before:
+            self._length_changed()
         return bound
 
     def expire(self) -> list[T]:
@@ -564,8 +578,16 @@ class AdmissionQueue(Generic[T]):
                 self._len -= 1
                 self.timed_out_total += 1
                 out.append(ticket.item)
+                if self._on_reject is not None:
+                    self._on_reject("timeout")
         self._compact()
+        if out:
+            self._length_changed()
         return out
+
+    def _length_changed(self) -> None:
+        if self._on_length is not None:
+            self._on_length(self._len)
 
     def _compact(self) -> None:
         # Dead tickets are skipped lazily; rebuild when they outnumber the live ones.
@@ -648,6 +670,9 @@ class AdmissionQueue(Generic[T]):
         self._len -= 1
         self.timed_out_total += 1
         self._compact()
+        self._length_changed()
+        if self._on_reject is not None:
+            self._on_reject("timeout")
         _, fut = ticket.item
         if not fut.done():
             fut.set_exception(QueueFull(self._len, self.retry_after_s(), reason="timeout"))

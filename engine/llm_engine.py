@@ -52,6 +52,9 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_steps: int
+    # Prompt tokens not computed yet (waiting requests + unfinished prefills): the work a
+    # new request queues behind. The router's cost weighs it (`queued_prefill_token`).
+    queued_prefill_tokens: int = 0
 
 
 @dataclass
@@ -307,9 +310,13 @@ class LLMEngine:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             num_steps=self._num_steps,
+            queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,
         )
 
     def take_kv_events(self, after_seq: int = -1) -> list[KVEventBatch]:
+        """Numbered batches above `after_seq`, including the changes made outside a step
+        (`reset_prefix_cache`), so a consumer's view matches the cache when it returns."""
+        self.kv.events.flush()
         return self.kv.events.take(after_seq)
 
     def kv_snapshot(self) -> KVSnapshot:

@@ -52,6 +52,20 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        """Tokens still to prefill: all of a waiting request's (new, or preempted to be
+        recomputed; prefix-cache hits are not known before it is scheduled) and the rest of
+        a running request's unfinished prefill. Swapped requests keep their KV: none."""
+        n = 0
+        for r in self.waiting:
+            n += r.num_tokens - r.num_computed_tokens
+        for r in self.running:
+            left = r.num_tokens - r.num_computed_tokens
+            if left > 1 or r.num_computed_tokens < r.num_prompt_tokens:
+                n += left  # a decode has exactly one token left, past the prompt
+        return n
+
     def finish_request(self, request: Request, status: RequestStatus) -> None:
         """Finish (or abort) a request wherever it is; every block it holds is freed."""
         if request.request_id not in self.requests:

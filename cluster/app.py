@@ -25,6 +25,7 @@ from ray.serve import Application
 from .config import RayfleetConfig, load_config, parse_config
 from .ingress import Ingress
 from .llm_server import LLMServer
+from .serve_env import with_replica_env
 
 LLM_DEPLOYMENT = "LLMServer"
 INGRESS_DEPLOYMENT = "Ingress"
@@ -44,10 +45,16 @@ def config_from_args(args: dict[str, Any] | None) -> RayfleetConfig:
 
 def request_router_options(cfg: RayfleetConfig) -> dict[str, Any]:
     """`request_router_config` for the LLMServer deployment: rayfleet's router, or nothing
-    (Ray Serve's own power-of-two router) when `router.policy` is power-of-two."""
-    r = cfg.router
-    if r.policy == "power-of-two":
+    (Ray Serve's own power-of-two router) when `router.policy` is power-of-two.
+
+    With rayfleet's router, Serve's own `max_queued_requests` is off (-1) unless
+    `replica.max_queued_requests` is set: it counts the requests parked in the router's
+    admission queue too, so it would answer 429 before the queue is full. The admission
+    queue (`cfg.serve_router_config().queue.max_len`) is then the bound on waiting
+    requests; an explicit value stays Serve's bound and caps the queue too."""
+    if cfg.router.policy == "power-of-two":
         return {}
+    r = cfg.serve_router_config()
     from ray.serve.config import RequestRouterConfig
 
     from .kv_router import ROUTER_CLASS_PATH
@@ -57,22 +64,32 @@ def request_router_options(cfg: RayfleetConfig) -> dict[str, Any]:
             request_router_class=ROUTER_CLASS_PATH,
             request_router_kwargs=r.model_dump(mode="json"),
             request_routing_stats_period_s=r.stats_poll_interval_s,
-        )
+        ),
+        "max_queued_requests": (
+            -1 if cfg.replica.max_queued_requests is None else cfg.replica.max_queued_requests
+        ),
     }
+
+
+def llm_deployment_options(cfg: RayfleetConfig) -> dict[str, Any]:
+    """`LLMServer.options(...)`: the replica section's options, then the router's (which
+    set `max_queued_requests` under rayfleet's router)."""
+    opts = {**cfg.replica.deployment_options(), **request_router_options(cfg)}
+    # Serve's request-path settings for this replica's process (`serve_env`).
+    opts["ray_actor_options"] = with_replica_env(opts.get("ray_actor_options"))
+    return opts
 
 
 def build_app_from_config(cfg: RayfleetConfig) -> Application:
     payload = cfg.to_args()
-    llm = serve.deployment(LLMServer, name=LLM_DEPLOYMENT).options(
-        **cfg.replica.deployment_options(), **request_router_options(cfg)
-    )
+    llm = serve.deployment(LLMServer, name=LLM_DEPLOYMENT).options(**llm_deployment_options(cfg))
     s = cfg.server
     ingress = serve.deployment(
         OpenAIIngress,
         name=INGRESS_DEPLOYMENT,
         num_replicas=s.num_ingress_replicas,
         max_ongoing_requests=s.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": s.ingress_num_cpus},
+        ray_actor_options=with_replica_env({"num_cpus": s.ingress_num_cpus}),
     )
     return ingress.bind(llm.bind(payload), payload, LLM_DEPLOYMENT)
 
@@ -88,6 +105,7 @@ __all__ = [
     "build_app",
     "build_app_from_config",
     "config_from_args",
+    "llm_deployment_options",
     "parse_config",
     "request_router_options",
 ]

@@ -153,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from .app import build_app_from_config
+    from .serve_env import serve_start_options
 
     print(f"rayfleet: {'joining ' + address if address else 'starting a local Ray cluster'} ...")
     init_kw: dict = {"log_to_driver": not args.quiet}
@@ -175,7 +176,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         started = True
         signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own (a bare exit)
         s = cfg.server
-        serve.start(http_options={"host": s.host, "port": s.port})
+        # A local cluster gets rayfleet's request-path settings for Serve's proxy too.
+        serve.start(
+            http_options={"host": s.host, "port": s.port},
+            **(serve_start_options() if local else {}),
+        )
         print(f"rayfleet: deploying {cfg.served_model_name!r} ...")
         serve.run(
             build_app_from_config(cfg),

@@ -25,6 +25,9 @@ from .router_config import RouterConfig
 
 # The default model's served name (SmolLM2-135M-Instruct, fetched from PyPI on first use).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Serve's own per-caller queue bound under `router.policy: power-of-two` (Serve's router),
+# when `replica.max_queued_requests` is not set.
+SERVE_MAX_QUEUED_REQUESTS = 256
 
 
 class ConfigError(ValueError):
@@ -103,9 +106,21 @@ class ReplicaSection(_Strict):
     autoscaling_config: AutoscalingSection | None = None
     # Serve's default (5) starves a continuous-batching engine; keep it >= engine.max_num_seqs.
     max_ongoing_requests: int = Field(128, ge=1)
-    # Requests waiting at each caller (the ingress) beyond every replica's max_ongoing_requests;
-    # past this the ingress answers 429 with Retry-After. -1: unbounded.
-    max_queued_requests: int = Field(256, ge=-1)
+    # Serve's own bound on requests waiting at each caller (an ingress replica): it counts
+    # every request its router has not handed to a replica yet, those parked in rayfleet's
+    # admission queue included, so under rayfleet's router (kv-aware, round-robin) it would
+    # answer 429 before `router.queue.max_len` fills. Hence:
+    # - null (default): rayfleet's router turns Serve's bound off (-1) and the admission
+    #   queue (`router.queue.max_len`) is the bound; power-of-two keeps Serve's, at 256.
+    # - N >= 1: Serve's bound is N, and the admission queue is capped at N too (it can never
+    #   hold more than Serve lets through); requests still being placed or retried after a
+    #   replica refused them count as well. -1: Serve's bound off.
+    max_queued_requests: int | None = Field(
+        None,
+        ge=-1,
+        description="Serve's per-caller queue bound; null: off under rayfleet's router "
+        f"(router.queue.max_len bounds), {SERVE_MAX_QUEUED_REQUESTS} under power-of-two",
+    )
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
@@ -134,7 +149,13 @@ class ReplicaSection(_Strict):
         """Keyword arguments for `LLMServer.options(...)`."""
         opts: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            # When null: Serve's default for its own router (power-of-two);
+            # `app.request_router_options` turns it off (-1) for rayfleet's router.
+            "max_queued_requests": (
+                SERVE_MAX_QUEUED_REQUESTS
+                if self.max_queued_requests is None
+                else self.max_queued_requests
+            ),
             "ray_actor_options": self.ray_actor_options(),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
@@ -162,6 +183,12 @@ class ServerSection(_Strict):
     max_request_body_bytes: int = Field(4 << 20, ge=1, description="larger bodies get 413")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429")
     max_n: int = Field(16, ge=1, description="largest `n` a request may ask for")
+    max_replica_retries: int = Field(
+        2,
+        ge=0,
+        description="re-issue a request whose replica died before it produced a token, up to "
+        "this many times (`rayfleet.cluster.retry`); never once a token was sent",
+    )
     num_ingress_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(2048, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)
@@ -207,6 +234,18 @@ class RayfleetConfig(_Strict):
         if m.path is None and self.engine.model is not None:
             m = ModelSection(path=self.engine.model, served_name=m.served_name)
         return m.name
+
+    def serve_router_config(self) -> RouterConfig:
+        """The router section as every request router gets it: `queue.max_len` capped by
+        `replica.max_queued_requests` when that is set (and not -1), so the admission queue
+        never promises room Serve's own bound would refuse
+        (see `ReplicaSection.max_queued_requests`)."""
+        cap = self.replica.max_queued_requests
+        if cap is None or cap == -1 or cap >= self.router.queue.max_len:
+            return self.router
+        return self.router.model_copy(
+            update={"queue": self.router.queue.model_copy(update={"max_len": cap})}
+        )
 
     def engine_config(self) -> EngineConfig:
         """The engine's config with the model branch folded in."""

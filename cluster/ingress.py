@@ -57,7 +57,9 @@ from .protocol import (
     error_body,
     usage_dict,
 )
+from .retry import ReplicaRetry
 from .routing_policy import QueueFull
+from .serve_env import handle_by_reference
 
 logger = logging.getLogger("ray.serve")
 
@@ -223,13 +225,18 @@ class Ingress:
         self.api_keys = [k.encode() for k in s.resolved_api_keys()]
         self.max_body_bytes = s.max_request_body_bytes
         self._llm = llm_server
-        self._stream = llm_server.options(stream=True)
+        # Streams from the replicas over Serve's gRPC channel when the app set that up
+        # (`serve_env`): no Ray task and object-store round trip per streamed item.
+        self._stream = llm_server.options(stream=True, _by_reference=handle_by_reference())
+        # Re-issues a request whose replica died before its first token (`retry.py`).
+        self._retry = ReplicaRetry(s.max_replica_retries)
         self._llm_deployment = llm_deployment
         # rayfleet's request router reads each prompt's block hashes (Serve's own does not).
         self._route_block_size = (
             None if self.cfg.router.policy == "power-of-two" else self.cfg.engine.block_size
         )
         self.tokenizer = await asyncio.to_thread(load_tokenizer, self.cfg)
+        await asyncio.to_thread(self._warm_chat_template)
         self._vocab_size = len(self.tokenizer)
         self._tok_strs: dict[int, str] = {}
         self.max_model_len: int | None = self.cfg.engine.max_model_len
@@ -245,6 +252,14 @@ class Ingress:
         await self._poll_replicas()
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
 
+    def _warm_chat_template(self) -> None:
+        """Render the chat template once: transformers compiles it on first use (~15 ms that
+        the first chat request's TTFT would pay) and caches the result."""
+        try:
+            apply_chat_template(self.tokenizer, [{"role": "user", "content": "hi"}])
+        except Exception:  # no template: chat requests get their error when they come
+            pass
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
 
@@ -256,6 +271,23 @@ class Ingress:
     # -- replica readiness --------------------------------------------------------------------
 
     def _count_ready(self) -> int | None:
+        """RUNNING replicas of the LLM deployment, read from the controller's details dict.
+        `serve.status()` builds pydantic models from that dict whose construction
+        cloudpickles every deployment's request router class: ~50 ms of CPU per poll,
+        holding the GIL (so stalling every stream of this replica) on a small machine."""
+        try:
+            from ray.serve.context import _get_global_client
+
+            details = _get_global_client().get_serve_details()
+            app = details["applications"].get(self._app_name)
+            if app is None:
+                return None
+            dep = app["deployments"].get(self._llm_deployment)
+            if dep is None:
+                return None
+            return sum(1 for r in dep["replicas"] if r["state"] == "RUNNING")
+        except (ImportError, AttributeError, KeyError, TypeError):  # another Ray version
+            pass
         st = serve.status()
         app = st.applications.get(self._app_name)
         if app is None:
@@ -353,8 +385,9 @@ class Ingress:
         try:
             if greq.route is None:
                 greq.route = self.route_hint(greq)
-            gen = self._stream.generate.remote(greq)
-            first = await gen.__anext__()
+            first, gen = await self._retry.first_item(
+                lambda: self._stream.generate.remote(greq), greq.request_id
+            )
         except QueueFull as e:
             raise ProtocolError(
                 f"The server is at capacity ({e})",
@@ -810,6 +843,19 @@ class Ingress:
                 ProtocolError(f"No replica of model {self.model_name!r} is ready", 503)
             )
         return JSONResponse({"status": "ok", "model": self.model_name, "ready_replicas": n})
+
+    async def router_debug(self) -> dict[str, Any]:
+        """Debug and test hook, not on HTTP: call it through a handle to this deployment,
+        `serve.get_deployment_handle("Ingress", app).router_debug.remote().result()`. This
+        ingress replica's request-router view (`KVAwareRequestRouter.debug_state`: per
+        LLMServer replica its indexed prefix blocks and load, replicas seen dead; None under
+        power-of-two) and how many requests it re-issued after their replica died."""
+        from .kv_router import router_debug_of
+
+        return {
+            "router": await router_debug_of(self._stream),
+            "replica_retries": self._retry.retries,
+        }
 
 
 def build_api(ing: Ingress) -> FastAPI:

@@ -83,6 +83,7 @@ class LLMServer:
         self._routing = RoutingStatsReporter(
             self.engine, self.config.engine.max_num_seqs, kv=r.policy == "kv-aware" and r.kv_events
         )
+        self._routing_lock = asyncio.Lock()
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
 
     # -- requests ---------------------------------------------------------------------------
@@ -216,10 +217,26 @@ class LLMServer:
         s = self.engine.get_stats()
         return {k: getattr(s, k) for k in s.__dataclass_fields__}
 
+    async def kv_cache_contents(self) -> dict[str, Any]:
+        """The block hashes this replica's engine caches now, with the KV event number they
+        reflect (the router's index of this replica must match them once it has applied
+        the events up to `seq`)."""
+        snap = await asyncio.to_thread(self.engine.kv_snapshot)
+        return {
+            "replica": self.replica,
+            "epoch": snap.epoch,
+            "seq": snap.seq,
+            "block_hashes": sorted(snap.block_hashes),
+        }
+
     async def record_routing_stats(self) -> dict[str, Any]:
         """Load and KV events for the request router (Serve calls this every
-        `request_routing_stats_period_s`; see `kv_router`)."""
-        return self._routing.report()
+        `request_routing_stats_period_s`; see `kv_router`).
+
+        In a worker thread: reading the KV events waits for the engine's current step,
+        which must not stall this replica's event loop (and every stream on it)."""
+        async with self._routing_lock:  # one report at a time: the reporter keeps a cursor
+            return await asyncio.to_thread(self._routing.report)
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine died is replaced."""

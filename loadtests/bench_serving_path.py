@@ -10,7 +10,9 @@ its replica holding all CPUs (the same torch thread count). The two paths take t
 rounds of `concurrency` requests each (which one goes first alternates), on the same
 distinct random token-id prompts (no prefix-cache hits), `ignore_eos`, fixed `max_tokens`,
 greedy. Taking turns matters on a shared machine: both paths see the same background load,
-which would otherwise swamp a millisecond-sized difference.
+which would otherwise swamp a millisecond-sized difference. Serve runs with rayfleet's
+request-path settings (`cluster/serve_env.py`, as `rayfleet serve` does);
+`RAYFLEET_SERVE_FAST_PATH=0` measures Serve's defaults instead.
 
 TTFT: request sent -> first chunk carrying tokens. ITL: gaps between consecutive chunks that
 carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency - TTFT) /
@@ -115,48 +117,59 @@ async def _direct_level(engine, prompts, conc: int, max_tokens: int, tag: str) -
 
 
 async def _http_level(base: str, model: str, prompts, conc: int, max_tokens: int) -> list[dict]:
-    import httpx
+    """The same requests over HTTP, with a lean aiohttp client (the one `loadtests/client.py`
+    uses): the load generator shares this machine's CPUs with the server, so what it spends
+    per token slows the engine it measures (httpx took about twice the CPU per token)."""
+    import aiohttp
 
     sem = asyncio.Semaphore(conc)
-    limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as h:
+    connector = aiohttp.TCPConnector(limit=conc + 4, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
 
         async def one(ids: list[int]) -> dict:
-            body = {
-                "model": model,
-                "prompt": ids,
-                "max_tokens": max_tokens,
-                "temperature": 0.0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
+            body = json.dumps(
+                {
+                    "model": model,
+                    "prompt": ids,
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            ).encode()
+            headers = {"Content-Type": "application/json"}
             async with sem:
                 t0 = time.perf_counter()
                 first = last = None
                 itl: list[float] = []
                 ntok = 0
                 rid = None
-                async with h.stream("POST", base + "/v1/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        data = line[6:]
-                        if data == "[DONE]":
-                            break
-                        obj = json.loads(data)
-                        rid = rid or obj.get("id")
-                        if obj.get("usage"):
-                            ntok = obj["usage"]["completion_tokens"]
-                        if not obj.get("choices") or not obj["choices"][0].get("text"):
-                            continue
-                        now = time.perf_counter()
-                        if first is None:
-                            first = now
-                        else:
-                            itl.append(now - last)
-                        last = now
+                buf = b""
+                async with session.post(base + "/v1/completions", data=body, headers=headers) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
+                    async for piece in r.content.iter_any():
+                        now = time.perf_counter()  # every event of one read arrived now
+                        buf += piece
+                        while (end := buf.find(b"\n\n")) >= 0:
+                            event, buf = buf[:end], buf[end + 2 :]
+                            if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                                continue
+                            obj = json.loads(event[6:])
+                            rid = rid or obj.get("id")
+                            if obj.get("usage"):
+                                ntok = obj["usage"]["completion_tokens"]
+                            if not obj.get("choices") or not obj["choices"][0].get("text"):
+                                continue
+                            if first is None:
+                                first = now
+                            else:
+                                itl.append(now - last)
+                            last = now
                 return {
                     "ttft": first - t0,
                     "itl": itl,
@@ -186,6 +199,7 @@ def start_serving(engine_cfg: dict, args) -> tuple[str, str]:
     import ray
     from ray import serve
     from rayfleet.cluster.app import build_app
+    from rayfleet.cluster.serve_env import serve_start_options
     from rayfleet.cluster.testing import free_port
 
     ncpu = args.num_cpus or os.cpu_count() or 2
@@ -201,7 +215,8 @@ def start_serving(engine_cfg: dict, args) -> tuple[str, str]:
         log_to_driver=False,
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Serve's proxy with the settings `rayfleet serve` gives a local cluster (`serve_env`).
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_start_options())
     serve.run(
         build_app(
             {
@@ -374,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream_interval_s": args.stream_interval,
     }
 
+    from rayfleet.cluster.serve_env import fast_path_enabled
     from rayfleet.cluster.testing import isolated_ray_env, loopback_only
 
     def run() -> tuple[list, list, list]:
@@ -402,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     deltas = report(direct, serving, pairs)
     out = {
         "benchmark": "serving_path",
-        "config": {**vars(args), "levels": levels, "engine": engine_cfg},
+        "config": {
+            **vars(args),
+            "levels": levels,
+            "engine": engine_cfg,
+            "serve_fast_path": fast_path_enabled(),  # RAYFLEET_SERVE_FAST_PATH (serve_env)
+        },
         "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
         "results": direct + serving,
         "overhead": deltas,

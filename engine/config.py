@@ -41,6 +41,9 @@ class EngineConfig(BaseModel):
 
     # Parallelism (world size 1 is the degenerate case of the TP-ready layers)
     tensor_parallel_size: int = Field(1, ge=1)
+    # CPU: torch's intra-op threads. None leaves the process's default (under Ray, a
+    # replica's OMP_NUM_THREADS = its num_cpus); 0 uses every core the process may run on.
+    num_threads: int | None = Field(None, ge=0, description="CPU threads (0: all cores)")
 
     # Streaming: the async engine coalesces deltas for at most this long (0: every step).
     stream_interval_s: float = Field(0.0, ge=0.0)

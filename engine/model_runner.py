@@ -10,6 +10,7 @@ runner never changes a request's state: the engine appends the sampled tokens.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +103,8 @@ class ModelRunner:
         self.model_path = model_path
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or len(os.sched_getaffinity(0)))
         self.hf_config = load_hf_config(model_path)
         model_cls = get_model_architecture(self.hf_config)
         limit = model_context_length(self.hf_config)

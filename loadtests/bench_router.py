@@ -670,6 +670,7 @@ def app_args(args, policy: str, model_path: str) -> dict[str, Any]:
             "num_kv_blocks": args.kv_blocks,
             "max_model_len": max_len,
             "max_num_seqs": args.max_num_seqs,
+            "num_threads": args.replica_threads,
         },
         "replica": {
             "num_replicas": args.replicas,

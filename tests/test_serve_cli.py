@@ -114,7 +114,9 @@ def test_rayfleet_serve_serves_the_default_model_and_stops_cleanly_on_ctrl_c(tmp
             finally:
                 proc.send_signal(signal.SIGINT)
                 try:
-                    rc = proc.wait(timeout=90)
+                    # Serve drains replicas (up to its 20 s graceful timeout each) and Ray
+                    # stops its processes: over a minute on a loaded 2-core machine.
+                    rc = proc.wait(timeout=240)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     raise

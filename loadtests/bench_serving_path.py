@@ -2,6 +2,7 @@
 the same engine called directly, on the default model, at concurrency 1 and 16.
 
     python -m rayfleet.loadtests.bench_serving_path [--concurrency 1 16] [--max-tokens 32]
+        [--compare-defaults] [--requests 30 96] [--output NAME.json]
 
 One process holds both: an `AsyncLLMEngine` driven in-process (the floor) and a local Ray
 cluster (inside a loopback-only network namespace when run as root, HOME in a temporary
@@ -12,7 +13,10 @@ distinct random token-id prompts (no prefix-cache hits), `ignore_eos`, fixed `ma
 greedy. Taking turns matters on a shared machine: both paths see the same background load,
 which would otherwise swamp a millisecond-sized difference. Serve runs with rayfleet's
 request-path settings (`cluster/serve_env.py`, as `rayfleet serve` does);
-`RAYFLEET_SERVE_FAST_PATH=0` measures Serve's defaults instead.
+`RAYFLEET_SERVE_FAST_PATH=0` measures Serve's defaults instead, and `--compare-defaults`
+measures both in one run: a second copy of the app built with Serve's defaults takes its
+turns too (the proxy, shared, then keeps Serve's defaults for both: its settings are
+cluster-wide), so the two are compared under the same background load.
 
 TTFT: request sent -> first chunk carrying tokens. ITL: gaps between consecutive chunks that
 carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency - TTFT) /
@@ -194,21 +198,30 @@ def engine_ttfts(temp: str) -> dict[str, float]:
     return out
 
 
-def start_serving(engine_cfg: dict, args) -> tuple[str, str]:
-    """Start Ray + Serve with the app; return (base URL, Ray temp folder)."""
+SERVING = "HTTP + Ray Serve"
+SERVING_DEFAULTS = "HTTP + Serve defaults"
+
+
+def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
+    """Start Ray + Serve with the app; return ([(path label, base URL)], Ray temp folder).
+
+    `--compare-defaults` deploys the same app a second time, built with Serve's defaults
+    (`RAYFLEET_SERVE_FAST_PATH=0`), under /serve-defaults, and leaves the proxy (shared, its
+    settings are cluster-wide) at Serve's defaults too."""
     import ray
     from ray import serve
     from rayfleet.cluster.app import build_app
-    from rayfleet.cluster.serve_env import serve_start_options
+    from rayfleet.cluster.serve_env import FAST_PATH_VAR, serve_start_options
     from rayfleet.cluster.testing import free_port
 
     ncpu = args.num_cpus or os.cpu_count() or 2
+    napps = 2 if args.compare_defaults else 1
     temp = tempfile.mkdtemp(prefix="rfb-", dir="/tmp")  # AF_UNIX path length limit
     # Ray starts workers at niceness 15; the direct engine runs at 0. On a busy machine that
     # alone slows the replica (as `rayfleet serve` does, run both at the same priority).
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
-        num_cpus=ncpu,
+        num_cpus=ncpu * napps,  # logical: each replica holds `ncpu` (its torch threads)
         include_dashboard=False,
         object_store_memory=1 << 30,
         _temp_dir=temp,
@@ -216,18 +229,28 @@ def start_serving(engine_cfg: dict, args) -> tuple[str, str]:
     )
     port = free_port()
     # Serve's proxy with the settings `rayfleet serve` gives a local cluster (`serve_env`).
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_start_options())
-    serve.run(
-        build_app(
-            {
-                "engine": engine_cfg,
-                "replica": {"max_ongoing_requests": 128, "resources": {"num_cpus": ncpu}},
-            }
-        ),
-        name="rayfleet",
-        route_prefix="/",
-    )
-    return f"http://127.0.0.1:{port}", temp
+    proxy = {} if args.compare_defaults else serve_start_options()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, **proxy)
+    app_cfg = {
+        "engine": engine_cfg,
+        "replica": {"max_ongoing_requests": 128, "resources": {"num_cpus": ncpu}},
+    }
+    base = f"http://127.0.0.1:{port}"
+    serve.run(build_app(app_cfg), name="rayfleet", route_prefix="/")
+    apps = [(SERVING, base)]
+    if args.compare_defaults:
+        saved = os.environ.get(FAST_PATH_VAR)
+        os.environ[FAST_PATH_VAR] = "0"
+        try:
+            app = build_app(app_cfg)
+        finally:
+            if saved is None:
+                os.environ.pop(FAST_PATH_VAR, None)
+            else:
+                os.environ[FAST_PATH_VAR] = saved
+        serve.run(app, name="rayfleet-defaults", route_prefix="/serve-defaults")
+        apps.append((SERVING_DEFAULTS, base + "/serve-defaults"))
+    return apps, temp
 
 
 def stop_serving(temp: str) -> None:
@@ -241,57 +264,61 @@ def stop_serving(temp: str) -> None:
     shutil.rmtree(temp, ignore_errors=True)
 
 
-async def paired(engine_cfg: dict, base: str, temp: str, levels, args) -> tuple[list, list, list]:
+async def paired(engine_cfg: dict, apps, temp: str, levels, args) -> tuple[list, list, list]:
     import httpx
     from rayfleet.engine import AsyncLLMEngine, EngineConfig
 
-    model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+    model = httpx.get(apps[0][1] + "/v1/models").json()["data"][0]["id"]
     engine = AsyncLLMEngine.from_config(EngineConfig(**engine_cfg))
     try:
         vocab = len(engine.tokenizer)
         warm = make_prompts(vocab, 2, args.prompt_len, 999)
         await _direct_level(engine, warm, 2, 8, "warm")
-        await _http_level(base, model, warm, 2, 8)
+        for _, base in apps:
+            await _http_level(base, model, warm, 2, 8)
+        paths = [None, *apps]  # None: the engine, directly
         direct_rows, serving_rows, pairs = [], [], []
         for conc, n in levels:
             prompts = make_prompts(vocab, n, args.prompt_len, args.seed + conc)
-            d_res: list[dict] = []
-            s_res: list[dict] = []
-            d_wall = s_wall = 0.0
+            res: dict[str | None, list[dict]] = {None: [], **{label: [] for label, _ in apps}}
+            wall: dict[str | None, float] = dict.fromkeys(res, 0.0)
             for r, i in enumerate(range(0, n, conc)):
                 batch = prompts[i : i + conc]
-                order = ("d", "s") if r % 2 == 0 else ("s", "d")
-                for which in order:
+                k = r % len(paths)  # each path goes first in turn
+                for path in paths[k:] + paths[:k]:
                     t0 = time.perf_counter()
-                    if which == "d":
-                        d_res += await _direct_level(
+                    if path is None:
+                        got = await _direct_level(
                             engine, batch, conc, args.max_tokens, f"c{conc}-{i}"
                         )
-                        d_wall += time.perf_counter() - t0
                     else:
-                        s_res += await _http_level(base, model, batch, conc, args.max_tokens)
-                        s_wall += time.perf_counter() - t0
-            direct_rows.append(summarize("engine (direct)", conc, d_res, d_wall))
-            serving_rows.append(summarize("HTTP + Ray Serve", conc, s_res, s_wall))
-            pd = [(s["ttft"] - d["ttft"]) * 1e3 for d, s in zip(d_res, s_res, strict=True)]
-            pi = [
-                (_pct(s["itl"], 0.5) - _pct(d["itl"], 0.5)) * 1e3
-                for d, s in zip(d_res, s_res, strict=True)
-            ]
-            pairs.append(
-                {"concurrency": conc, "ttft_diff_p50_ms": _pct(pd, 0.5),
-                 "itl_p50_diff_p50_ms": _pct(pi, 0.5)}
-            )  # fmt: skip
+                        got = await _http_level(path[1], model, batch, conc, args.max_tokens)
+                    label = None if path is None else path[0]
+                    res[label] += got
+                    wall[label] += time.perf_counter() - t0
+            d_res = res[None]
+            direct_rows.append(summarize("engine (direct)", conc, d_res, wall[None]))
             print(_row(direct_rows[-1]), flush=True)
-            print(_row(serving_rows[-1]), flush=True)
-            pairs[-1]["_serving"] = s_res
-        await asyncio.sleep(2.0)  # let the replica's log lines reach the file
+            for label, _ in apps:
+                s_res = res[label]
+                serving_rows.append(summarize(label, conc, s_res, wall[label]))
+                pd = [(s["ttft"] - d["ttft"]) * 1e3 for d, s in zip(d_res, s_res, strict=True)]
+                pi = [
+                    (_pct(s["itl"], 0.5) - _pct(d["itl"], 0.5)) * 1e3
+                    for d, s in zip(d_res, s_res, strict=True)
+                ]
+                pairs.append(
+                    {"path": label, "concurrency": conc, "ttft_diff_p50_ms": _pct(pd, 0.5),
+                     "itl_p50_diff_p50_ms": _pct(pi, 0.5), "_serving": s_res}
+                )  # fmt: skip
+                print(_row(serving_rows[-1]), flush=True)
+        await asyncio.sleep(2.0)  # let the replicas' log lines reach the files
         eng = engine_ttfts(temp)
         for p in pairs:
-            res = p.pop("_serving")
-            path = [(r["ttft"] - eng[r["id"]]) * 1e3 for r in res if r["id"] in eng]
-            p["path_ttft_p50_ms"] = _pct(path, 0.5)
-            p["path_ttft_n"] = len(path)
+            res_p = p.pop("_serving")
+            path_ms = [(r["ttft"] - eng[r["id"]]) * 1e3 for r in res_p if r["id"] in eng]
+            p["path_ttft_p50_ms"] = _pct(path_ms, 0.5)
+            p["path_ttft_n"] = len(path_ms)
         return direct_rows, serving_rows, pairs
     finally:
         await engine.shutdown()
@@ -308,14 +335,14 @@ def _tokenizer():
 # Report
 
 _HEADER = (
-    f"{'path':<18} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+    f"{'path':<21} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
     f"{'ITL p99':>8} {'TPOT p50':>9} {'tok/chunk':>9} {'tok/s':>7}"
 )
 
 
 def _row(r: dict) -> str:
     return (
-        f"{r['path']:<18} {r['concurrency']:>4} {r['requests']:>4} "
+        f"{r['path']:<21} {r['concurrency']:>4} {r['requests']:>4} "
         f"{r['ttft_ms']['p50']:>9.1f} {r['ttft_ms']['p99']:>9.1f} {r['itl_ms']['p50']:>8.2f} "
         f"{r['itl_ms']['p99']:>8.2f} {r['tpot_ms']['p50']:>9.2f} {r['tokens_per_chunk']:>9.2f} "
         f"{r['output_tok_s']:>7.1f}"
@@ -331,16 +358,20 @@ def report(direct: list[dict], serving: list[dict], pairs: list[dict]) -> list[d
     print()
     print("overhead, serving - direct (ms): of the medians; median of the per-pair differences;")
     print("path TTFT = client TTFT - the engine's own TTFT (arrival -> first token), per request")
-    print(f"{'conc':>4} {'TTFT p50':>9} {'ITL p50':>8} {'TPOT p50':>9} {'pair TTFT':>10} "
-          f"{'pair ITL':>9} {'path TTFT':>10}")  # fmt: skip
+    print(f"{'path':<21} {'conc':>4} {'TTFT p50':>9} {'ITL p50':>8} {'TPOT p50':>9} "
+          f"{'pair TTFT':>10} {'pair ITL':>9} {'path TTFT':>10}")  # fmt: skip
     deltas = []
-    for d in direct:
-        s = next((x for x in serving if x["concurrency"] == d["concurrency"]), None)
-        if s is None:
+    for s in serving:
+        d = next((x for x in direct if x["concurrency"] == s["concurrency"]), None)
+        if d is None:
             continue
-        pair = next((x for x in pairs if x["concurrency"] == d["concurrency"]), {})
+        pair = next(
+            (x for x in pairs if x["concurrency"] == s["concurrency"] and x["path"] == s["path"]),
+            {},
+        )
         nan = float("nan")
         delta = {
+            "path": s["path"],
             "concurrency": d["concurrency"],
             "ttft_p50_ms": s["ttft_ms"]["p50"] - d["ttft_ms"]["p50"],
             "itl_p50_ms": s["itl_ms"]["p50"] - d["itl_ms"]["p50"],
@@ -350,7 +381,7 @@ def report(direct: list[dict], serving: list[dict], pairs: list[dict]) -> list[d
             "path_ttft_p50_ms": pair.get("path_ttft_p50_ms", nan),
         }
         deltas.append(delta)
-        print(f"{delta['concurrency']:>4} {delta['ttft_p50_ms']:>+9.1f} "
+        print(f"{delta['path']:<21} {delta['concurrency']:>4} {delta['ttft_p50_ms']:>+9.1f} "
               f"{delta['itl_p50_ms']:>+8.2f} {delta['tpot_p50_ms']:>+9.2f} "
               f"{delta['pairwise_ttft_p50_ms']:>+10.1f} {delta['pairwise_itl_p50_ms']:>+9.2f} "
               f"{delta['path_ttft_p50_ms']:>+10.1f}")  # fmt: skip
@@ -373,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-interval", type=float, default=0.0, help="engine.stream_interval_s")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
     p.add_argument("--result-dir", default="loadtests/results")
+    p.add_argument("--output", default="serving_path.json", help="file name in --result-dir")
+    p.add_argument(
+        "--compare-defaults",
+        action="store_true",
+        help="also serve the app with Serve's default settings (and the proxy's), taking turns",
+    )
     p.add_argument("--no-netns", action="store_true", help="do not enter a loopback namespace")
     args = p.parse_args(argv)
 
@@ -393,13 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     from rayfleet.cluster.testing import isolated_ray_env, loopback_only
 
     def run() -> tuple[list, list, list]:
-        base, temp = start_serving(engine_cfg, args)
+        apps, temp = start_serving(engine_cfg, args)
         try:
             print(_HEADER, flush=True)
-            return asyncio.run(paired(engine_cfg, base, temp, levels, args))
+            return asyncio.run(paired(engine_cfg, apps, temp, levels, args))
         finally:
             stop_serving(temp)
 
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rfb-home-") as home:
         if args.no_netns:
             direct, serving, pairs = run()
@@ -424,13 +462,17 @@ def main(argv: list[str] | None = None) -> int:
             "engine": engine_cfg,
             "serve_fast_path": fast_path_enabled(),  # RAYFLEET_SERVE_FAST_PATH (serve_env)
         },
-        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
         "results": direct + serving,
         "overhead": deltas,
     }
     d = Path(args.result_dir)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / "serving_path.json"
+    path = d / args.output
     path.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {path}")
     return 0

@@ -26,6 +26,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("paged_decode_attention.cpp", "fused_layer_ops.cpp")
+_HEADERS = ("vec_math.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 _ENV = "RAYFLEET_CPU_KERNELS"
 
@@ -50,6 +51,18 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _vector_isa_flags(cpu_flags: str) -> list[str]:
+    """ATen's `Vectorized` picks its width from CPU_CAPABILITY_* macros, which PyTorch's own
+    build sets per kernel file; an extension must set them itself. AVX-512 as ATen needs it
+    (F, BW, VL, DQ), else AVX2 with FMA, else ATen's portable fallback."""
+    flags = set(cpu_flags.split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
 def _build_dir(key: str) -> Path:
     root = Path(os.environ.get("RAYFLEET_CACHE_DIR") or Path.home() / ".cache" / "rayfleet")
     path = root / "kernels" / key
@@ -69,17 +82,19 @@ def _build() -> None:
         pass
     src_dir = Path(__file__).parent / "csrc"
     sources = [src_dir / s for s in _SOURCES]
+    cflags = [*_CFLAGS, *_vector_isa_flags(_cpu_flags())]
     h = hashlib.sha256()
-    for s in sources:
+    for s in [*sources, *(src_dir / f for f in _HEADERS)]:
         h.update(s.read_bytes())
-    for part in (torch.__version__, sys.version, " ".join(_CFLAGS), _cpu_flags()):
+    for part in (torch.__version__, sys.version, " ".join(cflags), _cpu_flags()):
         h.update(part.encode())
     key = h.hexdigest()[:16]
     cpp_extension.load(
         name=f"rayfleet_cpu_{key}",
         sources=[str(s) for s in sources],
         build_directory=str(_build_dir(key)),
-        extra_cflags=list(_CFLAGS),
+        extra_cflags=cflags,
+        extra_include_paths=[str(src_dir)],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,

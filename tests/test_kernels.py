@@ -227,11 +227,22 @@ def test_decode_chunks_and_reused_workspace_match_reference(chunk_tokens):
         assert len(plan.decode_chunks) == 6  # one decode sequence per chunk
 
 
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cpu_decode_kernel_reads_strided_queries_and_long_contexts(monkeypatch, dtype):
+def test_cpu_decode_kernel_reads_strided_queries_and_long_contexts(monkeypatch, dtype, threads):
     """As the model calls it: q is a view into the fused qkv output (row stride > Hq * D),
-    contexts span many blocks, one sequence's rows sit between prefill rows."""
+    contexts span many blocks, one sequence's rows sit between prefill rows. With 1 thread
+    the kernel takes a whole sequence per work item, with 4 one kv head per item."""
     monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_strided_long_context_decode(dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_strided_long_context_decode(dtype):
     seqs = [(1000, 1), (37, 37), (1, 1), (513, 1), (64, 1)]
     hq, hkv, d = 9, 3, 64
     args = _setup_batch(seqs, hq, hkv, d, 16, num_blocks=120, seed=3, dtype=dtype)

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 template <typename scalar_t>
@@ -136,15 +138,17 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   const scalar_t* in = gate_up.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, t, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> act(n);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* g = in + r * 2 * n;
       const scalar_t* u = g + n;
       scalar_t* orow = o + r * n;
-      for (int64_t i = 0; i < n; ++i) {
-        const float x = static_cast<float>(g[i]);
-        const scalar_t act = static_cast<scalar_t>(x / (1.f + std::exp(-x)));
-        orow[i] = static_cast<scalar_t>(static_cast<float>(act) * static_cast<float>(u[i]));
-      }
+      for (int64_t i = 0; i < n; ++i) act[i] = static_cast<float>(g[i]);
+      rayfleet_vec::silu_inplace(act.data(), n);
+      // silu is rounded to the dtype before the product, as the composite does.
+      for (int64_t i = 0; i < n; ++i)
+        orow[i] = static_cast<scalar_t>(static_cast<float>(static_cast<scalar_t>(act[i])) *
+                                        static_cast<float>(u[i]));
     }
   });
 }

@@ -188,6 +188,31 @@ def local_serve_cluster(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def cpu_replicas_config(
+    model_path: str,
+    num_kv_blocks: int,
+    num_replicas: int = 2,
+    engine: dict[str, Any] | None = None,
+    replica: dict[str, Any] | None = None,
+    router: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config tree for live router tests: the model on `num_replicas` CPU replicas of one
+    CPU each, with small KV pools (so caches fill and evict) and short contexts; `engine`,
+    `replica` and `router` add to or override those sections."""
+    return {
+        "model": {"path": model_path},
+        "engine": {
+            "device": "cpu",
+            "num_kv_blocks": num_kv_blocks,
+            "max_model_len": 512,
+            "max_num_seqs": 8,
+            **(engine or {}),
+        },
+        "replica": {"num_replicas": num_replicas, "resources": {"num_cpus": 1}, **(replica or {})},
+        "router": dict(router or {}),
+    }
+
+
 def deploy_app(
     config: dict[str, Any], name: str, route_prefix: str = "/", wait: bool = True
 ) -> None:

@@ -395,6 +395,25 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+# Per workload: (target, numerator policy, denominator policy, figure, bound, higher is ok).
+_RATIO_TARGETS: dict[str, list[tuple[str, str, str, str, float, bool]]] = {
+    "shared-prefix": [
+        ("median TTFT power-of-two / kv-aware >= 2", "power-of-two", "kv-aware",
+         "median_ttft_ms", 2.0, True),
+    ],
+    "random": [
+        ("output throughput kv-aware / power-of-two >= 0.95", "kv-aware", "power-of-two",
+         "output_throughput", 0.95, True),
+        ("median TTFT kv-aware / power-of-two <= 1.05", "kv-aware", "power-of-two",
+         "median_ttft_ms", 1.05, False),
+    ],
+    "skewed": [
+        ("p99 TTFT kv-aware / power-of-two <= 1", "kv-aware", "power-of-two",
+         "p99_ttft_ms", 1.0, False),
+    ],
+}  # fmt: skip
+
+
 def check_targets(
     workload: str, kv: dict | None, p2c: dict | None, oracle: Oracle | None
 ) -> list[dict[str, Any]]:
@@ -404,44 +423,14 @@ def check_targets(
         ok = None if value is None else (value >= bound if higher_ok else value <= bound)
         return {"target": target, "value": value, "bound": bound, "ok": ok}
 
+    runs = {"kv-aware": kv, "power-of-two": p2c}
     rows = []
     if workload == "shared-prefix":
         orc = oracle.hit_rate if oracle else None
         rows.append(row("hit rate / oracle >= 0.90", ratio(_get(kv, "hit_rate"), orc), 0.90, True))
-        rows.append(
-            row(
-                "median TTFT power-of-two / kv-aware >= 2",
-                ratio(_get(p2c, "median_ttft_ms"), _get(kv, "median_ttft_ms")),
-                2.0,
-                True,
-            )
-        )
-    elif workload == "random":
-        rows.append(
-            row(
-                "output throughput kv-aware / power-of-two >= 0.95",
-                ratio(_get(kv, "output_throughput"), _get(p2c, "output_throughput")),
-                0.95,
-                True,
-            )
-        )
-        rows.append(
-            row(
-                "median TTFT kv-aware / power-of-two <= 1.05",
-                ratio(_get(kv, "median_ttft_ms"), _get(p2c, "median_ttft_ms")),
-                1.05,
-                False,
-            )
-        )
-    elif workload == "skewed":
-        rows.append(
-            row(
-                "p99 TTFT kv-aware / power-of-two <= 1",
-                ratio(_get(kv, "p99_ttft_ms"), _get(p2c, "p99_ttft_ms")),
-                1.0,
-                False,
-            )
-        )
+    for target, num, den, key, bound, higher_ok in _RATIO_TARGETS.get(workload, []):
+        value = ratio(_get(runs[num], key), _get(runs[den], key))
+        rows.append(row(target, value, bound, higher_ok))
     failed = [p for p, r in (("kv-aware", kv), ("power-of-two", p2c)) if _get(r, "failed")]
     if failed:
         for r in rows:

@@ -202,6 +202,18 @@ def _resolve_tokenizer(args) -> str:
     return default_tokenizer_path()
 
 
+# The arguments that define each workload, recorded in the result file.
+_WORKLOAD_FIELDS: dict[str, tuple[str, ...]] = {
+    "random": ("input_len", "output_len", "range_ratio"),
+    "multi-turn": (
+        "input_len", "output_len", "range_ratio", "turns", "system_prompt_len", "think_time_ms"
+    ),
+    "shared-prefix": ("num_groups", "prompts_per_group", "prefix_len", "suffix_len", "output_len"),
+    "skewed": ("hot_fraction", "prefix_len", "suffix_len", "output_len"),
+    "jsonl": ("dataset_path",),
+}  # fmt: skip
+
+
 def run_serve(args) -> int:
     from rayfleet.loadtests.metrics import parse_slo
     from rayfleet.loadtests.plot import plot_runs, run_entry
@@ -277,33 +289,7 @@ def run_serve(args) -> int:
         "seed": args.seed,
         "ignore_eos": ignore_eos,
     }
-    if args.workload in ("random", "multi-turn"):
-        workload.update(
-            input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio
-        )
-    if args.workload == "shared-prefix":
-        workload.update(
-            num_groups=args.num_groups,
-            prompts_per_group=args.prompts_per_group,
-            prefix_len=args.prefix_len,
-            suffix_len=args.suffix_len,
-            output_len=args.output_len,
-        )
-    if args.workload == "skewed":
-        workload.update(
-            hot_fraction=args.hot_fraction,
-            prefix_len=args.prefix_len,
-            suffix_len=args.suffix_len,
-            output_len=args.output_len,
-        )
-    if args.workload == "multi-turn":
-        workload.update(
-            turns=args.turns,
-            system_prompt_len=args.system_prompt_len,
-            think_time_ms=args.think_time_ms,
-        )
-    if args.workload == "jsonl":
-        workload.update(dataset_path=args.dataset_path)
+    workload.update({f: getattr(args, f) for f in _WORKLOAD_FIELDS.get(args.workload, ())})
 
     result_dir = Path(args.result_dir) if args.result_dir else RESULTS_DIR
     metrics_urls = args.metrics_url or [None] * len(args.base_url)

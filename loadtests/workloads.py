@@ -153,6 +153,31 @@ def _lengths(rng: random.Random, mean: int, ratio: float, n: int) -> list[int]:
 # ---------------------------------------------------------------- generators
 
 
+def _single_turn(
+    src: TokenSource,
+    text: str,
+    output_len: int,
+    chat: bool,
+    group: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Session:
+    """One prompt as a one-turn session: the text itself, or one user message for chat."""
+    prompt: str | list[dict[str, str]] = [{"role": "user", "content": text}] if chat else text
+    return Session(
+        [Turn(prompt, output_len, src.count_prompt(prompt))], group=group, meta=meta or {}
+    )
+
+
+def _text_not_starting_with(src: TokenSource, n: int, avoid: set[int]) -> tuple[str, list[int]]:
+    """Exactly n tokens of text whose first token is not in `avoid` (a few draws at most),
+    so that it shares no cached block with prompts that start with those tokens."""
+    for _ in range(100):
+        text, ids = src.exact_text(n)
+        if not ids or ids[0] not in avoid:
+            break
+    return text, ids
+
+
 def random_workload(
     src: TokenSource,
     num_prompts: int,
@@ -166,9 +191,7 @@ def random_workload(
     out_lens = _lengths(src.rng, output_len, range_ratio, num_prompts)
     sessions = []
     for n_in, n_out in zip(in_lens, out_lens, strict=True):
-        text, _ = src.exact_text(n_in)
-        prompt: str | list[dict[str, str]] = [{"role": "user", "content": text}] if chat else text
-        sessions.append(Session([Turn(prompt, n_out, src.count_prompt(prompt))]))
+        sessions.append(_single_turn(src, src.exact_text(n_in)[0], n_out, chat))
     return sessions
 
 
@@ -192,20 +215,14 @@ def shared_prefix_workload(
     sessions = []
     first_tokens: set[int] = set()
     for g in range(num_groups):
-        for _ in range(100):
-            prefix, prefix_ids = src.exact_text(prefix_len)
-            if not prefix_ids or prefix_ids[0] not in first_tokens:
-                break
+        prefix, prefix_ids = _text_not_starting_with(src, prefix_len, first_tokens)
         if prefix_ids:
             first_tokens.add(prefix_ids[0])
         for p in range(prompts_per_group):
             suffix, _ = src.exact_text(suffix_len, prefix_text=prefix)
-            text = prefix + suffix
-            prompt: str | list[dict[str, str]] = (
-                [{"role": "user", "content": text}] if chat else text
+            sessions.append(
+                _single_turn(src, prefix + suffix, output_len, chat, group=g, meta={"index": p})
             )
-            turn = Turn(prompt, output_len, src.count_prompt(prompt))
-            sessions.append(Session([turn], group=g, meta={"index": p}))
     if shuffle:
         src.rng.shuffle(sessions)
     return sessions
@@ -240,15 +257,10 @@ def skewed_workload(
             suffix, _ = src.exact_text(suffix_len, prefix_text=hot)
             text, meta, group = hot + suffix, {"index": i, "hot": True}, 0
         else:
-            for _ in range(100):
-                text, ids = src.exact_text(prefix_len + suffix_len)
-                if not ids or ids[0] != first:
-                    break
+            avoid = {first} if first is not None else set()
+            text, _ = _text_not_starting_with(src, prefix_len + suffix_len, avoid)
             meta, group = {"index": i, "hot": False}, None
-        prompt: str | list[dict[str, str]] = [{"role": "user", "content": text}] if chat else text
-        sessions.append(
-            Session([Turn(prompt, output_len, src.count_prompt(prompt))], group=group, meta=meta)
-        )
+        sessions.append(_single_turn(src, text, output_len, chat, group=group, meta=meta))
     if shuffle:
         src.rng.shuffle(sessions)
     return sessions

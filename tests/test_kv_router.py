@@ -332,23 +332,22 @@ def test_power_of_two_uses_serves_own_router_and_kv_aware_ours():
 @pytest.mark.ray
 def test_requests_sharing_a_long_prefix_land_on_the_replica_caching_it():
     import httpx
-    from rayfleet.cluster.testing import deploy_app, local_serve_cluster, request_replicas
+    from rayfleet.cluster.testing import (
+        cpu_replicas_config,
+        deploy_app,
+        local_serve_cluster,
+        request_replicas,
+    )
 
     with local_serve_cluster(prefix="rfkv", skip=pytest.skip) as cluster:
         deploy_app(
-            {
-                "model": {"path": cluster.model_path},
-                "engine": {
-                    "device": "cpu",
-                    "num_kv_blocks": 96,
-                    "max_model_len": 512,
-                    "max_num_seqs": 8,
-                },
-                "replica": {"num_replicas": 2, "resources": {"num_cpus": 1}},
+            cpu_replicas_config(
+                cluster.model_path,
+                num_kv_blocks=96,
                 # Placement by KV events alone: the overlay of recent placements
                 # is forgotten long before the follow-up requests arrive.
-                "router": {"pending_placement_ttl_s": 0.05},
-            },
+                router={"pending_placement_ttl_s": 0.05},
+            ),
             "kvr",
         )
         prefix = " ".join(f"item{i}" for i in range(60))  # ~200 tokens: > 8 blocks

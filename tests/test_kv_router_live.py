@@ -31,36 +31,27 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def cluster():
-    from rayfleet.cluster.testing import deploy_app, local_serve_cluster
+    from rayfleet.cluster.testing import cpu_replicas_config, deploy_app, local_serve_cluster
 
     with local_serve_cluster(prefix="rflive", skip=pytest.skip) as c:
         deploy_app(
-            {
-                "model": {"path": c.model_path},
-                "engine": {
-                    "device": "cpu",
-                    "num_kv_blocks": 192,
-                    "max_model_len": 512,
-                    "max_num_seqs": 8,
-                    "max_num_batched_tokens": 8,
-                },
+            cpu_replicas_config(
+                c.model_path,
+                num_kv_blocks=192,
+                engine={"max_num_batched_tokens": 8},
                 # The controller's own health check is slow (10 s): dropping a dead replica
                 # at once is the router's doing.
-                "replica": {
-                    "num_replicas": 2,
-                    "resources": {"num_cpus": 1},
-                    "health_check_period_s": 10,
-                },
+                replica={"health_check_period_s": 10},
                 # The cost's load terms off: placement follows the cache alone, up to the
                 # hot-prefix load bound (the default eps 0.5), which is what spreads load.
-                "router": {
+                router={
                     "weights": {
                         "queued_prefill_token": 0,
                         "running_request": 0,
                         "waiting_request": 0,
                     }
                 },
-            },
+            ),
             APP,
         )
         yield c

@@ -50,24 +50,32 @@ def _evicted(engine: LLMEngine) -> int:
     )
 
 
+def _tiny_engine(tiny_model_factory, tokenizer_dir, **engine_kw) -> LLMEngine:
+    """An engine on the tiny random Llama, float32 on the CPU, with 4-token blocks."""
+    folder = tiny_model_factory("tiny")
+    config = EngineConfig(
+        model=str(folder),
+        tokenizer=tokenizer_dir,
+        device="cpu",
+        dtype="float32",
+        block_size=4,
+        **engine_kw,
+    )
+    return LLMEngine(config)
+
+
 @pytest.mark.parametrize("mode,seed", [("recompute", 0), ("swap", 1)])
 def test_the_index_equals_a_real_engines_cache_after_every_report_despite_evictions(
     tiny_model_factory, default_model_dir, mode, seed
 ):
-    folder = tiny_model_factory("tiny")
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(folder),
-            tokenizer=default_model_dir,
-            device="cpu",
-            dtype="float32",
-            block_size=4,
-            num_kv_blocks=20,  # 80 tokens for up to 3 requests of up to 50: evictions
-            max_num_seqs=3,
-            max_num_batched_tokens=16,
-            preemption_mode=mode,
-            swap_space_bytes=1 << 20,
-        )
+    engine = _tiny_engine(
+        tiny_model_factory,
+        default_model_dir,
+        num_kv_blocks=20,  # 80 tokens for up to 3 requests of up to 50: evictions
+        max_num_seqs=3,
+        max_num_batched_tokens=16,
+        preemption_mode=mode,
+        swap_space_bytes=1 << 20,
     )
     rng = random.Random(seed)
     window = 4
@@ -114,17 +122,8 @@ def test_after_a_missed_window_the_index_catches_up_at_the_next_snapshot(
 ):
     """A router that missed more reports than the window holds keeps its older view until
     the next report that carries a snapshot (that lag is by design), then agrees again."""
-    folder = tiny_model_factory("tiny")
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(folder),
-            tokenizer=default_model_dir,
-            device="cpu",
-            dtype="float32",
-            block_size=4,
-            num_kv_blocks=12,
-            max_num_batched_tokens=64,
-        )
+    engine = _tiny_engine(
+        tiny_model_factory, default_model_dir, num_kv_blocks=12, max_num_batched_tokens=64
     )
     reporter = RoutingStatsReporter(engine, 8, window_reports=2, snapshot_every=6)
     router = _router()

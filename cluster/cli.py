@@ -143,11 +143,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # are the workload, so they run at normal priority unless the environment says so.
         os.environ.setdefault("RAY_worker_niceness", "0")
 
-    # Ctrl-C and SIGTERM both end the wait below and run the cleanup.
+    # Ctrl-C and SIGTERM both end the wait below and run the cleanup. SIGINT is set too, not
+    # left to Python's default: a shell script that starts `rayfleet serve &` starts it
+    # with SIGINT ignored, and Python then installs no handler, so `kill -INT` did nothing.
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
     import ray
     from ray import serve
@@ -175,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ctx = ray.init(**init_kw)
         started = True
         signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own (a bare exit)
+        signal.signal(signal.SIGINT, _stop)
         s = cfg.server
         # A local cluster gets rayfleet's request-path settings for Serve's proxy too.
         serve.start(

@@ -36,6 +36,11 @@ class _Stream:
     queue: asyncio.Queue
 
 
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -153,10 +158,21 @@ class AsyncLLMEngine:
 
     # ---- the engine thread -----------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
+        self._deliver_many([(request_id, item)])
+
+    def _deliver_many(self, items: list[tuple[str, object]]) -> None:
+        """Hand a step's deltas to their streams with one wake-up per event loop, not one per
+        request: each `call_soon_threadsafe` wakes the loop thread, which then contends for
+        the GIL with this thread's next step (64 wake-ups a step cost ~60% of decode
+        throughput, measured with 64 streams on 2 cores)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         with self._streams_lock:
-            stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _apply_ops(self) -> None:
         while True:
@@ -192,8 +208,7 @@ class AsyncLLMEngine:
                     self._fail_all(e)
                 continue
             self._stats = self.engine.get_stats()
-            for d in deltas:
-                self._deliver(d.request_id, d)
+            self._deliver_many([(d.request_id, d) for d in deltas])
         # Shutdown: end every open stream.
         self._fail_all(EngineDeadError("engine shut down"))
 

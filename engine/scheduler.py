@@ -54,12 +54,19 @@ class Scheduler:
 
     @property
     def num_queued_prefill_tokens(self) -> int:
-        """Tokens still to prefill: all of a waiting request's (new, or preempted to be
-        recomputed; prefix-cache hits are not known before it is scheduled) and the rest of
-        a running request's unfinished prefill. Swapped requests keep their KV: none."""
+        """Tokens still to prefill: a waiting request's (new, or preempted to be recomputed)
+        less its leading blocks the prefix cache holds now, and the rest of a running
+        request's unfinished prefill. Swapped requests keep their KV: none.
+
+        Counting a waiting request's cached prefix as work overstated the queue on exactly
+        the replica that caches a shared prefix, and the router then sent that prefix's
+        next request elsewhere to recompute it."""
         n = 0
         for r in self.waiting:
-            n += r.num_tokens - r.num_computed_tokens
+            left = r.num_tokens - r.num_computed_tokens
+            if r.num_computed_tokens == 0:
+                left -= self.kv.num_cached_prefix_tokens(r)
+            n += left
         for r in self.running:
             left = r.num_tokens - r.num_computed_tokens
             if left > 1 or r.num_computed_tokens < r.num_prompt_tokens:

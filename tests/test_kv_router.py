@@ -69,6 +69,22 @@ def test_a_request_goes_to_the_replica_whose_kv_events_show_its_prefix():
         c.complete("b", f"r{i}")
 
 
+def test_in_flight_prefill_counts_only_what_the_chosen_replica_does_not_cache():
+    """A request sent to the replica caching its prefix adds only its uncached tokens to that
+    replica's prefill queue (so the next request of the prefix is not pushed away by it);
+    all its prompt blocks stay reserved."""
+    c = core()
+    c.update("a", stats(1, snapshot=KVSnapshot("ea", -1, frozenset())), None)
+    c.update("b", stats(1, snapshot=KVSnapshot("eb", -1, frozenset())), None)
+    c.update("b", stats(2, [stored("eb", 0, HASHES)]), None)
+    assert c.place(["a", "b"], HINT, "r1") == "b"
+    loads = {x.replica_id: x for x in c.loads(["a", "b"])}
+    cached = min(len(HASHES) * BS, len(PROMPT) - 1)
+    assert loads["b"].inflight_prefill_tokens == len(PROMPT) - cached
+    assert loads["b"].inflight_prompt_tokens == len(PROMPT)
+    assert loads["a"].inflight_prefill_tokens == loads["a"].inflight_prompt_tokens == 0
+
+
 def test_a_gap_in_the_events_resyncs_from_the_next_snapshot():
     c = core()
     c.update("a", stats(1, snapshot=KVSnapshot("ea", -1, frozenset())), None)

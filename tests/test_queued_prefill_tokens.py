@@ -45,7 +45,9 @@ def test_waiting_prompts_and_unfinished_prefills_count_decodes_do_not(engine):
     engine.abort_request("b")
 
 
-def test_a_preempted_request_counts_all_its_tokens_again(engine):
+def test_a_preempted_request_counts_what_it_must_recompute(engine):
+    """Recompute-preemption frees its blocks; its full ones stay in the prefix cache, so
+    only the rest counts (14 tokens, 3 cached blocks of 4)."""
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     engine.add_request("a", list(range(10, 22)), params)
     engine.step()
@@ -53,7 +55,8 @@ def test_a_preempted_request_counts_all_its_tokens_again(engine):
     req = engine.scheduler.running[0]
     assert queued(engine) == 0
     engine.scheduler._preempt(req, SchedulerOutput())  # recompute mode: back to waiting
-    assert queued(engine) == req.num_tokens == 14
+    assert req.num_tokens == 14
+    assert queued(engine) == 14 - 3 * 4
     engine.abort_request("a")
 
 
@@ -70,3 +73,21 @@ def test_routing_stats_carry_them_and_the_cost_weighs_them(engine):
     assert costs["busy"][0] - costs["idle"][0] == pytest.approx(1.5 * 100)
     assert core.place(["busy", "idle"], RouteHint((), 32), "r1") == "idle"
     engine.abort_request("a")
+
+
+def test_a_waiting_request_does_not_count_the_prefix_the_cache_holds(engine):
+    """The replica that caches a shared prefix must not look busier for it: a waiting
+    request counts only the tokens it will compute (and the lookup counts no query)."""
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    prefix = list(range(10, 26))  # 16 tokens: 4 blocks of 4
+    engine.add_request("first", prefix + [90, 91], params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    queries = engine.kv.stats.queries
+    engine.add_request("second", prefix + [92, 93, 94], params)  # 19 tokens, 16 cached
+    assert queued(engine) == 3
+    assert engine.kv.stats.queries == queries
+    engine.add_request("other", list(range(200, 219)), params)  # 19 tokens, none cached
+    assert queued(engine) == 3 + 19
+    engine.abort_request("second")
+    engine.abort_request("other")

@@ -141,8 +141,10 @@ def test_has_capacity_checks_the_running_cap_and_free_blocks():
     assert not has_capacity(load("a", inflight=4, max_num_seqs=4), 10)
     assert has_capacity(load("a", num_free_blocks=10), 10)
     assert not has_capacity(load("a", num_free_blocks=9), 10)
-    # In-flight prompts will take blocks the stats still show free.
-    assert not has_capacity(load("a", num_free_blocks=10, inflight_prefill_tokens=BS), 10)
+    # In-flight prompts will take blocks the stats still show free: all their prompt blocks,
+    # cached or not (a cached block taken from the free LRU leaves it too).
+    assert not has_capacity(load("a", num_free_blocks=10, inflight_prompt_tokens=BS), 10)
+    assert has_capacity(load("a", num_free_blocks=10, inflight_prefill_tokens=BS), 10)
 
 
 def test_blocks_needed_discounts_cached_blocks():

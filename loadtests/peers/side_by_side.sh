@@ -35,7 +35,7 @@ bench() {  # label base_url rate
   "$PY" -m rayfleet.loadtests.cli bench serve --base-url "$2" --label "$1" \
     --workload random --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" \
     --num-prompts "$NUM_PROMPTS" --request-rate "$3" --num-warmups 2 --seed 0 \
-    --tokenizer "$MODEL_DIR" --disable-tqdm --no-plot \
+    --tokenizer "$MODEL_DIR" --disable-tqdm --no-plot --save-detailed \
     --result-dir "$RESULT_DIR" --result-filename "side_by_side-$STAMP-$1-rate$3.json" \
     --metadata "machine=$(nproc)-core $(uname -m)" "config=$RAYFLEET_CONFIG"
 }
@@ -64,6 +64,6 @@ for r in $RATES; do bench vllm "http://127.0.0.1:$PORT" "$r"; done
 
 for r in $RATES; do
   echo "== rate $r"
-  "$PY" -m rayfleet.loadtests.cli bench compare \
+  "$PY" -m rayfleet.loadtests.cli bench compare --plot "$RESULT_DIR/side_by_side-$STAMP-rate$r.png" \
     "$RESULT_DIR/side_by_side-$STAMP-rayfleet-rate$r.json" "$RESULT_DIR/side_by_side-$STAMP-vllm-rate$r.json"
 done

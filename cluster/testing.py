@@ -188,6 +188,25 @@ def local_serve_cluster(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def routing_report(report: int, **fields: Any) -> dict[str, Any]:
+    """A replica's routing-stats report, shaped as `RoutingStatsReporter.report` makes it:
+    an idle replica (100 free blocks of 16 tokens, up to 8 requests, no KV events), report
+    number `report`; `fields` override any key (router tests without a replica)."""
+    return {
+        "report": report,
+        "num_running": 0,
+        "num_waiting": 0,
+        "num_free_blocks": 100,
+        "num_total_blocks": 100,
+        "block_size": 16,
+        "max_num_seqs": 8,
+        "queued_prefill_tokens": 0,
+        "kv_batches": [],
+        "kv_snapshot": None,
+        **fields,
+    }
+
+
 def cpu_replicas_config(
     model_path: str,
     num_kv_blocks: int,

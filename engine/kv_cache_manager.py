@@ -79,34 +79,30 @@ class KVCacheManager:
             parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.hash_extra_keys)
             hashes.append(parent)
 
-    def num_cached_prefix_tokens(self, request: Request) -> int:
-        """Tokens `get_computed_blocks` would find cached right now, without counting a
-        prefix-cache query or touching any block: an estimate for load reports."""
-        if not self.enable_caching:
-            return 0
+    def _cached_prefix(self, request: Request) -> list[KVBlock]:
+        """The request's leading blocks in the prefix cache, leaving at least its last token
+        to compute (its logits pick the next token). Touches no block and counts nothing."""
         self._update_hashes(request)
-        n = 0
-        for block_hash in request.block_hashes[: (request.num_tokens - 1) // self.block_size]:
-            if self.pool.lookup(block_hash) is None:
-                break
-            n += 1
-        return n * self.block_size
-
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Leading blocks of a new (or recomputing) request already in the prefix cache.
-
-        At least the last token is always left to compute: its logits pick the next token.
-        """
-        if not self.enable_caching:
-            return [], 0
-        self._update_hashes(request)
-        max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
-        for block_hash in request.block_hashes[:max_blocks]:
+        for block_hash in request.block_hashes[: (request.num_tokens - 1) // self.block_size]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             hits.append(block)
+        return hits
+
+    def num_cached_prefix_tokens(self, request: Request) -> int:
+        """Tokens `get_computed_blocks` would find cached right now, without counting a
+        prefix-cache query: an estimate for load reports."""
+        if not self.enable_caching:
+            return 0
+        return len(self._cached_prefix(request)) * self.block_size
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Leading blocks of a new (or recomputing) request already in the prefix cache."""
+        if not self.enable_caching:
+            return [], 0
+        hits = self._cached_prefix(request)
         self.stats.queries += request.num_tokens
         self.stats.hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size

@@ -32,20 +32,10 @@ HINT = RouteHint(HASHES, len(PROMPT))
 
 
 def stats(report: int, batches=(), snapshot=None, **kw) -> dict:
-    d = {
-        "report": report,
-        "num_running": 0,
-        "num_waiting": 0,
-        "num_free_blocks": 100,
-        "num_total_blocks": 100,
-        "block_size": BS,
-        "max_num_seqs": 8,
-        "queued_prefill_tokens": 0,
-        "kv_batches": list(batches),
-        "kv_snapshot": snapshot,
-    }
-    d.update(kw)
-    return d
+    from rayfleet.cluster.testing import routing_report
+
+    fields = {"block_size": BS, "kv_batches": list(batches), "kv_snapshot": snapshot, **kw}
+    return routing_report(report, **fields)
 
 
 def core(**cfg) -> KVRouterCore:

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from rayfleet.cluster.kv_router import KVRouterCore, RouteHint, RoutingStatsReporter
@@ -149,38 +146,12 @@ def test_after_a_missed_window_the_index_catches_up_at_the_next_snapshot(
 
 # ---- through a real cluster ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def serve_cluster(tmp_path_factory):
+def serve_cluster():
     """A local Ray cluster with Serve, in a loopback-only network namespace."""
-    from rayfleet.cluster.testing import free_port, isolated_ray_env, loopback_only
+    from rayfleet.cluster.testing import local_serve_cluster
 
-    home = tmp_path_factory.mktemp("home")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rfix", dir="/tmp"))  # short socket paths
-    try:
-        ctx = loopback_only()
-        ctx.__enter__()
-    except OSError as e:
-        pytest.skip(f"needs a private loopback-only network namespace: {e}")
-    try:
-        with isolated_ray_env(str(home)):
-            import ray
-            from ray import serve
-
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=1 << 30,
-                _temp_dir=str(ray_tmp),
-                log_to_driver=False,
-            )
-            try:
-                serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-                yield
-            finally:
-                serve.shutdown()
-                ray.shutdown()
-    finally:
-        ctx.__exit__(None, None, None)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with local_serve_cluster(prefix="rfix", skip=pytest.skip):
+        yield
 
 
 def _deploy(name: str, config: dict):

@@ -200,21 +200,10 @@ def _replica(name: str, st: dict) -> FakeReplica:
 
 
 def _stats(report: int, **kw) -> dict:
-    d = {
-        "report": report,
-        "num_running": 0,
-        "num_waiting": 0,
-        "num_free_blocks": 100,
-        "num_total_blocks": 100,
-        "block_size": 16,
-        "max_num_seqs": 8,
-        "queued_prefill_tokens": 0,
-        "model_name": "smol",
-        "kv_batches": [],
-        "kv_snapshot": KVSnapshot("e", -1, frozenset()),
-    }
-    d.update(kw)
-    return d
+    from rayfleet.cluster.testing import routing_report
+
+    fields = {"model_name": "smol", "kv_snapshot": KVSnapshot("e", -1, frozenset()), **kw}
+    return routing_report(report, **fields)
 
 
 def _pending(rid: str):

@@ -17,7 +17,8 @@ and its new KV events, `kv_router.RoutingStatsReporter`) and broadcasts them to 
 router:
   policy: kv-aware            # kv-aware | power-of-two | round-robin
   kv_events: true             # false: approximate index from the router's own placements
-  load_bound_epsilon: 0.5     # hot-prefix bound: no replica above (1+eps) x mean load
+  load_bound_epsilon: 0.5     # hot-prefix bound: no replica above (1+eps) x mean load ...
+  load_bound_slack: 2         # ... nor above mean + 2 requests, whichever is higher
   weights: {prefill_token: 2.0, queued_prefill_token: 1.0, running_request: 8.0,
             waiting_request: 64.0, kv_usage: 64.0}
   stats_poll_interval_s: 0.25 # replicas' load + KV events reach the routers this often
@@ -122,8 +123,17 @@ class RouterConfig(_Strict):
         0.5,
         ge=0,
         description="a replica whose load (running + waiting + in-flight requests) reaches "
-        "ceil((1 + eps) x (total + 1) / n) takes no new request, however much of its prompt "
-        "it caches; null: no bound (hot prefixes may pile onto one replica)",
+        "max(ceil((1 + eps) m), ceil(m) + load_bound_slack), m = (total + 1) / n, takes no new "
+        "request, however much of its prompt it caches; null: no bound (hot prefixes may pile "
+        "onto one replica)",
+    )
+    load_bound_slack: int = Field(
+        2,
+        ge=0,
+        description="requests a replica may run above the mean before the load bound applies: "
+        "the bound is max(ceil((1 + eps) m), ceil(m) + slack) with m = (total + 1) / n, so at "
+        "low load a hot prefix is not re-prefilled elsewhere to save a request's share of "
+        "batched decode steps",
     )
     pending_placement_ttl_s: float | None = Field(
         2.0,

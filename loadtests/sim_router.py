@@ -393,6 +393,7 @@ def make_policy(
     seed: int,
     clock: SimClock,
     weights: CostWeights | None = None,
+    slack: int | None = None,
 ) -> RoutingPolicy:
     """The router's own `build_policy` from a `RouterConfig`, as the Ray router builds it.
 
@@ -403,6 +404,8 @@ def make_policy(
     fields: dict[str, Any] = {"seed": seed, "load_bound_epsilon": epsilon}
     if weights is not None:
         fields["weights"] = weights
+    if slack is not None:
+        fields["load_bound_slack"] = slack
     if name in ("power-of-two", "round-robin"):
         fields["policy"] = name
     elif name == "kv-aware-approx":
@@ -579,7 +582,9 @@ def sweep(args: argparse.Namespace, cm: CostModel, workload: str, log=print) -> 
         oracle = oracle_hit_rate(reqs, n * cm.num_blocks, cm.block_size)
         for name in args.policies:
             clock = SimClock()
-            policy = make_policy(name, cm, args.load_bound_epsilon, args.seed, clock)
+            policy = make_policy(
+                name, cm, args.load_bound_epsilon, args.seed, clock, slack=args.load_bound_slack
+            )
             res = simulate(
                 reqs, n, policy, cm, workload=workload, label=name, clock=clock, oracle=oracle
             )
@@ -698,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--hot-share", type=float, default=0.8, help="skewed: share of the hot prefix")
     p.add_argument("--load-bound-epsilon", type=float, default=RouterConfig().load_bound_epsilon)
+    p.add_argument("--load-bound-slack", type=int, default=RouterConfig().load_bound_slack)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-dir", default="loadtests/results")
     p.add_argument("--no-plot", action="store_true")

@@ -42,8 +42,12 @@ def index_with(**cached_blocks: int) -> PrefixIndex:
     return index
 
 
-def kv(index: PrefixIndex, eps: float | None = 0.5, seed: int = 0, **weights) -> KVAwarePolicy:
-    return KVAwarePolicy(index, CostWeights(**weights), eps, random.Random(seed))
+def kv(
+    index: PrefixIndex, eps: float | None = 0.5, seed: int = 0, slack: int = 2, **weights
+) -> KVAwarePolicy:
+    return KVAwarePolicy(
+        index, CostWeights(**weights), eps, random.Random(seed), load_bound_slack=slack
+    )
 
 
 # ---- the cost --------------------------------------------------------------------------
@@ -107,10 +111,41 @@ def test_a_replica_past_the_load_bound_is_passed_over_despite_the_longest_match(
     # Loads 9, 1, 1, 1: total 12, bound ceil(1.5 * 13 / 4) = 5, so "a" is out.
     loads = [load("a", num_running=9), load("b", num_running=1), load("c", num_running=1)]
     loads.append(load("d", num_running=1))
-    policy = kv(index_with(a=10), eps=0.5, running_request=0.0)
+    policy = kv(index_with(a=10), eps=0.5, slack=0, running_request=0.0)
     assert policy.load_bound(loads) == 5
     placed = policy.choose(loads, PROMPT, N)
     assert placed.replica_id != "a" and placed.spilled
+
+
+def test_at_low_load_the_slack_keeps_a_prefix_where_it_is_cached():
+    # 3 replicas, loads 2, 1, 0: m = 4 / 3. The relative term alone (ceil(1.5 m) = 2) would
+    # turn "a" away and re-prefill the whole prompt elsewhere; with slack 2 the bound is
+    # ceil(m) + 2 = 4 and "a" keeps it.
+    loads = [load("a", num_running=2), load("b", num_running=1), load("c")]
+    tight = kv(index_with(a=10), eps=0.5, slack=0, running_request=0.0)
+    assert tight.load_bound(loads) == 2
+    placed = tight.choose(loads, PROMPT, N)
+    assert placed.replica_id != "a" and placed.spilled
+    slack = kv(index_with(a=10), eps=0.5, slack=2, running_request=0.0)
+    assert slack.load_bound(loads) == 4
+    placed = slack.choose(loads, PROMPT, N)
+    assert placed.replica_id == "a" and not placed.spilled
+
+
+def test_at_high_load_the_relative_term_rules_and_the_slack_changes_nothing():
+    # Loads 20, 6, 6, 6: m = 39 / 4; ceil(1.5 m) = 15 > ceil(m) + 2 = 12.
+    loads = [load("a", num_running=20)] + [load(r, num_running=6) for r in "bcd"]
+    for slack in (0, 2):
+        policy = kv(index_with(a=10), eps=0.5, slack=slack, running_request=0.0)
+        assert policy.load_bound(loads) == 15
+        assert policy.choose(loads, PROMPT, N).replica_id != "a"
+
+
+def test_a_negative_slack_is_refused():
+    with pytest.raises(ValueError, match="load_bound_slack"):
+        kv(PrefixIndex(), slack=-1)
+    with pytest.raises(ValidationError, match="load_bound_slack"):
+        RouterConfig.model_validate({"load_bound_slack": -1})
 
 
 def test_without_a_bound_the_hot_replica_keeps_the_request():
@@ -128,7 +163,7 @@ def test_in_flight_requests_count_toward_the_bound():
 def test_when_every_replica_with_room_is_past_the_bound_the_cheapest_still_wins():
     # "a" has no free blocks; "b" is over the bound (10 >= ceil(11 / 2)) but has room.
     loads = [load("a", num_free_blocks=0), load("b", num_running=10)]
-    policy = kv(PrefixIndex(), eps=0.0)
+    policy = kv(PrefixIndex(), eps=0.0, slack=0)
     assert policy.load_bound(loads) == 6
     placed = policy.choose(loads, PROMPT, N)
     assert placed.replica_id == "b" and not placed.spilled

@@ -19,6 +19,7 @@ router:
   kv_events: true             # false: approximate index from the router's own placements
   load_bound_epsilon: 0.5     # hot-prefix bound: no replica above (1+eps) x mean load ...
   load_bound_slack: 2         # ... nor above mean + 2 requests, whichever is higher
+  hot_prefix_window: 64       # a prefix leading share f of these placements wants ceil(f n) holders
   weights: {prefill_token: 2.0, queued_prefill_token: 1.0, running_request: 8.0,
             waiting_request: 64.0, kv_usage: 64.0}
   stats_poll_interval_s: 0.25 # replicas' load + KV events reach the routers this often
@@ -134,6 +135,14 @@ class RouterConfig(_Strict):
         "the bound is max(ceil((1 + eps) m), ceil(m) + slack) with m = (total + 1) / n, so at "
         "low load a hot prefix is not re-prefilled elsewhere to save a request's share of "
         "batched decode steps",
+    )
+    hot_prefix_window: int = Field(
+        64,
+        ge=0,
+        description="placements remembered to find hot prefixes: a prompt whose first block "
+        "led a share f of them should be cached on ceil(f x n) of the n replicas; while fewer "
+        "hold it, it goes to the least-loaded replica that does not, if that one is less "
+        "loaded than the cheapest holder (0: off)",
     )
     pending_placement_ttl_s: float | None = Field(
         2.0,

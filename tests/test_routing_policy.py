@@ -146,6 +146,50 @@ def test_a_negative_slack_is_refused():
         kv(PrefixIndex(), slack=-1)
     with pytest.raises(ValidationError, match="load_bound_slack"):
         RouterConfig.model_validate({"load_bound_slack": -1})
+    with pytest.raises(ValueError, match="hot_prefix_window"):
+        KVAwarePolicy(PrefixIndex(), hot_prefix_window=-1)
+
+
+def _seen(policy: KVAwarePolicy, hot: int, other: int) -> None:
+    """Record `hot` placements of PROMPT's prefix and `other` of unrelated prompts."""
+    for _ in range(hot):
+        policy.on_placed("a", PROMPT)
+    for i in range(other):
+        policy.on_placed("a", hash_prompt_blocks([7000 + i] * BS, BS))
+
+
+def test_a_hot_prefix_held_by_too_few_replicas_goes_to_a_less_loaded_one():
+    # All recent placements led with PROMPT's prefix: 3 replicas should hold it, 1 does.
+    # "a" (load 2) is within the bound (slack), and cheaper than a miss anywhere else.
+    loads = [load("a", num_running=2), load("b", num_running=1), load("c")]
+    policy = kv(index_with(a=10), eps=0.5, slack=2, running_request=0.0)
+    _seen(policy, 32, 0)
+    placed = policy.choose(loads, PROMPT, N)
+    assert placed.replica_id == "c" and placed.spilled
+    # With the replication off the cache wins.
+    off = KVAwarePolicy(index_with(a=10), CostWeights(running_request=0.0), 0.5,
+                        random.Random(0), load_bound_slack=2, hot_prefix_window=0)  # fmt: skip
+    assert off.choose(loads, PROMPT, N).replica_id == "a"
+
+
+def test_a_hot_prefix_on_an_idle_fleet_stays_where_it_is_cached():
+    loads = [load("a"), load("b"), load("c")]
+    policy = kv(index_with(a=10), eps=0.5, slack=2, running_request=0.0)
+    _seen(policy, 32, 0)
+    assert policy.choose(loads, PROMPT, N).replica_id == "a"
+
+
+def test_a_prefix_with_a_small_share_is_not_replicated():
+    # 4 of 64 placements (1/16) want ceil(3/16) = 1 holder: "a" already is.
+    loads = [load("a", num_running=2), load("b"), load("c")]
+    policy = kv(index_with(a=10), eps=0.5, slack=2, running_request=0.0)
+    _seen(policy, 4, 60)
+    assert policy.choose(loads, PROMPT, N).replica_id == "a"
+    # Two holders of a prefix with share 0.5 of 3 replicas: enough (ceil(1.5) = 2).
+    policy = kv(index_with(a=10, b=10), eps=0.5, slack=2, running_request=0.0)
+    _seen(policy, 32, 32)
+    loads = [load("a", num_running=2), load("b", num_running=2), load("c")]
+    assert policy.choose(loads, PROMPT, N).replica_id in ("a", "b")
 
 
 def test_without_a_bound_the_hot_replica_keeps_the_request():

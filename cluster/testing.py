@@ -103,7 +103,27 @@ def free_port() -> int:
 
 
 class NoPrivateNetwork(OSError):
-    """`local_serve_cluster` could not enter a loopback-only network namespace."""
+    """A loopback-only network namespace could not be entered (`local_serve_cluster`,
+    `call_in_ray_sandbox`)."""
+
+
+def call_in_ray_sandbox(fn: Callable[[], Any], home: str, netns: bool = True) -> Any:
+    """`fn()` with `isolated_ray_env(home)`, inside a loopback-only network namespace unless
+    `netns` is False (the benchmarks that start their own Ray cluster). Raises
+    NoPrivateNetwork, before calling `fn`, when the namespace cannot be entered."""
+    if not netns:
+        with isolated_ray_env(home):
+            return fn()
+    net = loopback_only()
+    try:
+        net.__enter__()
+    except OSError as e:
+        raise NoPrivateNetwork(f"no loopback-only network namespace: {e}") from e
+    try:
+        with isolated_ray_env(home):
+            return fn()
+    finally:
+        net.__exit__(None, None, None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     from rayfleet.cluster.serve_env import fast_path_enabled
-    from rayfleet.cluster.testing import isolated_ray_env, loopback_only
+    from rayfleet.cluster.testing import NoPrivateNetwork, call_in_ray_sandbox
 
     def run() -> tuple[list, list, list]:
         apps, temp = start_serving(engine_cfg, args)
@@ -439,20 +439,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rfb-home-") as home:
-        if args.no_netns:
-            direct, serving, pairs = run()
-        else:
-            try:
-                net = loopback_only()
-                net.__enter__()
-            except OSError as e:
-                print(f"bench: no loopback namespace ({e}); use --no-netns", file=sys.stderr)
-                return 2
-            try:
-                with isolated_ray_env(home):
-                    direct, serving, pairs = run()
-            finally:
-                net.__exit__(None, None, None)
+        try:
+            direct, serving, pairs = call_in_ray_sandbox(run, home, netns=not args.no_netns)
+        except NoPrivateNetwork as e:
+            print(f"bench: {e}; use --no-netns", file=sys.stderr)
+            return 2
     deltas = report(direct, serving, pairs)
     out = {
         "benchmark": "serving_path",

@@ -152,25 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from rayfleet.cluster.serve_env import fast_path_enabled
-    from rayfleet.cluster.testing import isolated_ray_env, loopback_only
+    from rayfleet.cluster.testing import NoPrivateNetwork, call_in_ray_sandbox
 
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rff-home-") as home:
-        if args.no_netns:
-            with isolated_ray_env(home):
-                times = _run(args)
-        else:
-            try:
-                net = loopback_only()
-                net.__enter__()
-            except OSError as e:
-                print(f"serve_floor: no loopback namespace ({e}); use --no-netns", file=sys.stderr)
-                return 2
-            try:
-                with isolated_ray_env(home):
-                    times = _run(args)
-            finally:
-                net.__exit__(None, None, None)
+        try:
+            times = call_in_ray_sandbox(lambda: _run(args), home, netns=not args.no_netns)
+        except NoPrivateNetwork as e:
+            print(f"serve_floor: {e}; use --no-netns", file=sys.stderr)
+            return 2
     rows = summarize(times)
     print(f"{'route':<10}{'n':>5}{'first chunk p50 (ms)':>24}{'p90 (ms)':>12}")
     for r in rows:

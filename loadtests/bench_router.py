@@ -77,6 +77,7 @@ from heapq import heappop, heappush
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rayfleet.loadtests.workloads import Session
 
 POLICIES = ("kv-aware", "power-of-two", "round-robin")
@@ -380,6 +381,50 @@ class CounterReader:
 # Comparison and targets
 
 
+def request_records(outcomes: Sequence, sessions: Sequence[Session]) -> dict[str, list]:
+    """Per request, in workload order: its kind (the skewed workload's hot prefix or not;
+    the shared-prefix group), when it was sent (s after the first), TTFT and E2E latency
+    (ms; None when it failed). What a tail figure needs to be explained."""
+    by_index: dict[int, Any] = {}
+    for o in outcomes:
+        try:  # the client's request ids end with -<session index>-<turn>
+            by_index[int(o.request_id.rsplit("-", 2)[1])] = o
+        except (ValueError, IndexError):
+            continue
+    t0 = min((o.start_time for o in outcomes), default=0.0)
+    out: dict[str, list] = {"hot": [], "group": [], "start_s": [], "ttft_ms": [], "e2el_ms": []}
+    for i, s in enumerate(sessions):
+        o = by_index.get(i)
+        ok = o is not None and o.success
+        out["hot"].append(s.meta.get("hot"))
+        out["group"].append(s.group)
+        out["start_s"].append(round(o.start_time - t0, 3) if o is not None else None)
+        out["ttft_ms"].append(round(o.ttft * 1000, 1) if ok else None)
+        out["e2el_ms"].append(round(o.latency * 1000, 1) if ok else None)
+    return out
+
+
+def ttft_by_kind(run: dict | None) -> dict[str, dict[str, float]] | None:
+    """Median and p99 TTFT of the hot-prefix requests and of the others (skewed)."""
+    rec = (run or {}).get("requests")
+    if not rec or not any(h is not None for h in rec["hot"]):
+        return None
+    out = {}
+    for kind, want in (("hot", True), ("other", False)):
+        xs = [
+            t
+            for t, h in zip(rec["ttft_ms"], rec["hot"], strict=True)
+            if h is want and t is not None
+        ]
+        if xs:
+            out[kind] = {
+                "n": len(xs),
+                "median_ms": float(np.median(xs)),
+                "p99_ms": float(np.percentile(xs, 99)),
+            }
+    return out
+
+
 def _get(run: dict | None, key: str) -> float | None:
     if not run:
         return None
@@ -486,6 +531,9 @@ def compare_workload(
     out["replica_query_share"] = {
         p: (runs[p].get("fleet") or {}).get("replica_query_share") for p in policies
     }
+    kinds = {p: ttft_by_kind(runs[p]) for p in policies}
+    if any(kinds.values()):
+        out["ttft_by_kind"] = kinds
     unsettled = [p for p in policies if (runs[p].get("fleet") or {}).get("settled") is False]
     if unsettled:
         out["unsettled"] = unsettled
@@ -533,6 +581,11 @@ def format_comparison(workload: str, comp: dict[str, Any], title: str = "") -> s
                 f"{'/'.join(f'{x:.2f}' for x in shares.get(p) or []) or '-':>15}" for p in policies
             )
         )
+    for kind in ("hot", "other"):
+        by = {p: ((comp.get("ttft_by_kind") or {}).get(p) or {}).get(kind) for p in policies}
+        if any(by.values()):
+            cells = [f"{b['median_ms']:.0f}/{b['p99_ms']:.0f}" if b else "-" for b in by.values()]
+            out.append(f"{f'TTFT p50/p99, {kind} (ms)':<30}" + "".join(f"{c:>15}" for c in cells))
     if comp.get("unsettled"):
         out.append(
             f"note: the replicas' counters had not caught up for {', '.join(comp['unsettled'])}"
@@ -829,7 +882,11 @@ def run_policy(
                 percentiles=[90.0, 99.0],
                 save_detailed=False,
             )
-            runs[w.name] = {"bench": doc, "fleet": fleet_d}
+            runs[w.name] = {
+                "bench": doc,
+                "fleet": fleet_d,
+                "requests": request_records(outs, w.sessions),
+            }
             outcomes[w.name] = outs
             hr = fleet_d["hit_rate"]
             print(

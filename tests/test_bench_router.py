@@ -19,8 +19,10 @@ from rayfleet.loadtests.bench_router import (
     format_comparison,
     oracle_hit_rate,
     parse_replica_counters,
+    request_records,
 )
-from rayfleet.loadtests.workloads import TokenSource, load_tokenizer, skewed_workload
+from rayfleet.loadtests.metrics import RequestOutcome
+from rayfleet.loadtests.workloads import Session, TokenSource, load_tokenizer, skewed_workload
 
 BS = 4
 
@@ -317,3 +319,30 @@ def test_the_default_sizes_are_the_issues():
     assert (a.replicas, a.num_groups, a.prompts_per_group) == (3, 16, 8)
     assert (a.prefix_len, a.suffix_len, a.output_len) == (512, 64, 32)
     assert a.policies == ["kv-aware", "power-of-two"] and a.hot_fraction == 0.8
+
+
+def test_request_records_follow_the_workload_order_and_split_ttft_by_kind():
+    sessions = [
+        Session([], group=0 if i % 2 else None, meta={"hot": bool(i % 2)}) for i in range(4)
+    ]
+    # Completion order differs from the workload's; request 2 failed.
+    outs = [
+        RequestOutcome(True, "bench-3-0", start_time=13.0, ttft=0.4, latency=2.0),
+        RequestOutcome(True, "bench-0-0", start_time=10.0, ttft=3.0, latency=5.0),
+        RequestOutcome(False, "bench-2-0", start_time=12.0),
+        RequestOutcome(True, "bench-1-0", start_time=11.0, ttft=0.2, latency=1.0),
+    ]
+    rec = request_records(outs, sessions)
+    assert rec["hot"] == [False, True, False, True]
+    assert rec["start_s"] == [0.0, 1.0, 2.0, 3.0]
+    assert rec["ttft_ms"] == [3000.0, 200.0, None, 400.0]
+    runs = {
+        "kv-aware": {**run(p99_ttft_ms=1.0), "requests": rec},
+        "power-of-two": run(p99_ttft_ms=1.0),
+    }
+    c = compare_workload("skewed", runs, None)
+    kinds = c["ttft_by_kind"]["kv-aware"]
+    assert kinds["hot"]["n"] == 2 and kinds["hot"]["median_ms"] == pytest.approx(300.0)
+    assert kinds["other"] == {"n": 1, "median_ms": 3000.0, "p99_ms": 3000.0}
+    assert c["ttft_by_kind"]["power-of-two"] is None
+    assert "TTFT p50/p99, hot (ms)" in format_comparison("skewed", c)

@@ -57,7 +57,7 @@ from .protocol import (
     error_body,
     usage_dict,
 )
-from .retry import ReplicaRetry
+from .retry import ReplicaRetry, replica_gone
 from .routing_policy import QueueFull
 from .serve_env import handle_by_reference
 
@@ -470,6 +470,34 @@ class Ingress:
             for _, gen in started:
                 gen.cancel()
 
+    async def collect(
+        self, greqs: list[GenerateRequest], started: list[tuple[StreamDelta, Any]]
+    ) -> list[tuple[int, StreamDelta]]:
+        """Every (prompt index, delta) of a non-streaming request. Its client sees nothing
+        before the whole answer, so when a replica dies mid-way the whole request is sent
+        again (`server.max_replica_retries` times at most) rather than failing. A failure
+        that is not a dead replica, or one past the bound, is a clean 5xx."""
+        attempt = 0
+        while True:
+            items: list[tuple[int, StreamDelta]] = []
+            try:
+                async for item in self.iterate(started):
+                    items.append(item)
+                return items
+            except Exception as e:
+                for _, gen in started:
+                    gen.cancel()  # the other prompts' streams, on live replicas
+                if not self._retry.may_reissue(e, attempt, greqs[0].request_id, "during"):
+                    if replica_gone(e):
+                        raise ProtocolError(
+                            f"The replica serving this request died after {attempt + 1} "
+                            f"tries ({type(e).__name__})",
+                            503,
+                        ) from None
+                    raise
+                attempt += 1
+                started = await self.start_many(greqs)
+
     # -- endpoints ------------------------------------------------------------------------------
 
     def _greq(self, rid: str, prompt: list[int], params, priority: int, endpoint: str, text):
@@ -495,7 +523,8 @@ class Ingress:
             ) from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         text = json.dumps(messages) if self.cfg.server.log_prompts else None
-        started = await self.start_many([self._greq(rid, ids, params, req.priority, "chat", text)])
+        greqs = [self._greq(rid, ids, params, req.priority, "chat", text)]
+        started = await self.start_many(greqs)
         created = int(time.time())
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
@@ -503,7 +532,7 @@ class Ingress:
             return self._sse_response(
                 self._chat_stream(rid, created, params.n, top, include_usage, started), rid
             )
-        return await self._chat_full(rid, created, params.n, top, started)
+        return await self._chat_full(rid, created, params.n, top, greqs, started)
 
     async def completions(self, req: CompletionRequest) -> Any:
         self.check_model(req.model)
@@ -540,7 +569,9 @@ class Ingress:
                 ),
                 rid,
             )
-        return await self._completion_full(rid, created, params.n, req.logprobs, echo, started)
+        return await self._completion_full(
+            rid, created, params.n, req.logprobs, echo, greqs, started
+        )
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self._vocab_size]
@@ -584,14 +615,14 @@ class Ingress:
             )
         return out
 
-    async def _chat_full(self, rid, created, n, top, started) -> dict[str, Any]:
+    async def _chat_full(self, rid, created, n, top, greqs, started) -> dict[str, Any]:
         texts = [""] * n
         counts = [0] * n
         lps: list[list] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         stops: list[Any] = [None] * n
         prompt_tokens = cached = 0
-        async for _, d in self.iterate(started):
+        for _, d in await self.collect(greqs, started):
             if d.num_prompt_tokens is not None:
                 prompt_tokens += d.num_prompt_tokens
             cached = max(cached, d.num_cached_tokens)
@@ -709,7 +740,7 @@ class Ingress:
             offset,
         )  # fmt: skip
 
-    async def _completion_full(self, rid, created, n, top, echo, started) -> dict[str, Any]:
+    async def _completion_full(self, rid, created, n, top, echo, greqs, started) -> dict:
         num = len(started) * n
         texts = [""] * num
         counts = [0] * num
@@ -726,7 +757,7 @@ class Ingress:
                     texts[p * n + i] = echo[p]
                     offsets[p * n + i] = len(echo[p])
         prompt_tokens = cached = 0
-        async for p, d in self.iterate(started):
+        for p, d in await self.collect(greqs, started):
             if d.num_prompt_tokens is not None:
                 prompt_tokens += d.num_prompt_tokens
             cached = max(cached, d.num_cached_tokens)

@@ -12,6 +12,8 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import ReplicaUnavailableError
 from rayfleet.cluster.config import RayfleetConfig
+from rayfleet.cluster.ingress import Ingress
+from rayfleet.cluster.protocol import ProtocolError
 from rayfleet.cluster.retry import ReplicaRetry, replica_gone
 from rayfleet.cluster.routing_policy import QueueFull
 
@@ -128,3 +130,75 @@ def test_max_replica_retries_is_in_the_server_config():
     assert RayfleetConfig(server={"max_replica_retries": 0}).server.max_replica_retries == 0
     with pytest.raises(ValueError, match="max_replica_retries"):
         RayfleetConfig(server={"max_replica_retries": -1})
+
+
+# ---- a non-streaming request: re-issued whole when its replica dies mid-way -------------------
+class Delta:
+    def __init__(self, k: int, finished: bool = False):
+        self.k, self.finished = k, finished
+
+
+class NonStreaming:
+    """Just what `Ingress.collect` uses of the ingress: its retry policy, `iterate` and
+    `start_many` (here handing out the next scripted stream per prompt)."""
+
+    iterate = staticmethod(Ingress.iterate)
+
+    def __init__(self, max_retries: int, *scripts):
+        self._retry = ReplicaRetry(max_retries)
+        self.replicas = Replicas(*scripts)
+
+    async def start_many(self, greqs):
+        started = []
+        for _ in greqs:
+            s = self.replicas.start()
+            started.append((await s.__anext__(), s))
+        return started
+
+
+def collect(ing: NonStreaming, greqs):
+    async def go():
+        return await Ingress.collect(ing, greqs, await ing.start_many(greqs))
+
+    return run(go())
+
+
+GREQ = type("G", (), {"request_id": "cmpl-1"})()
+
+
+def test_a_non_streaming_request_whose_replica_dies_mid_way_is_sent_again_whole():
+    ing = NonStreaming(2, [Delta(1), Delta(2), ActorDiedError()], [Delta(1), Delta(2, True)])
+    items = collect(ing, [GREQ])
+    # Only the second try's deltas: nothing of the dead replica's answer is mixed in.
+    assert [(p, d.k, d.finished) for p, d in items] == [(0, 1, False), (0, 2, True)]
+    assert ing._retry.retries == 1 and ing.replicas.streams[0].cancelled
+
+
+def test_a_non_streaming_request_fails_cleanly_once_its_retries_are_spent():
+    ing = NonStreaming(
+        1, [Delta(1), ActorDiedError()], [Delta(1), ActorUnavailableError("gone", None)]
+    )
+    with pytest.raises(ProtocolError) as e:
+        collect(ing, [GREQ])
+    assert e.value.status == 503 and "died after 2 tries" in str(e.value)
+    assert ing._retry.retries == 1
+
+
+def test_a_non_streaming_request_is_not_re_sent_for_other_errors():
+    ing = NonStreaming(2, [Delta(1), ValueError("engine bug")])
+    with pytest.raises(ValueError, match="engine bug"):
+        collect(ing, [GREQ])
+    assert ing._retry.retries == 0 and ing.replicas.calls == 1
+
+
+def test_a_multi_prompt_request_is_re_sent_whole_and_its_live_streams_cancelled():
+    ing = NonStreaming(
+        2,
+        [Delta(1), ActorDiedError()],  # prompt 0's replica dies
+        [Delta(5), Delta(6, True)],  # prompt 1's, alive: cancelled, then sent again
+        [Delta(1), Delta(2, True)],
+        [Delta(5), Delta(6, True)],
+    )
+    items = collect(ing, [GREQ, GREQ])
+    assert sorted((p, d.k) for p, d in items) == [(0, 1), (0, 2), (1, 5), (1, 6)]
+    assert ing.replicas.calls == 4 and ing.replicas.streams[1].cancelled

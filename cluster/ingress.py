@@ -530,7 +530,7 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse_response(
-                self._chat_stream(rid, created, params.n, top, include_usage, started), rid
+                self._chat_stream(rid, created, params.n, top, include_usage, started)
             )
         return await self._chat_full(rid, created, params.n, top, greqs, started)
 
@@ -566,8 +566,7 @@ class Ingress:
             return self._sse_response(
                 self._completion_stream(
                     rid, created, params.n, req.logprobs, echo, include_usage, started
-                ),
-                rid,
+                )
             )
         return await self._completion_full(
             rid, created, params.n, req.logprobs, echo, greqs, started
@@ -580,11 +579,13 @@ class Ingress:
                 f"token ids out of range [0, {self._vocab_size}): {bad[:8]}", param=param
             )
 
-    def _sse_response(self, body: AsyncIterator[bytes], rid: str) -> StreamingResponse:
+    @staticmethod
+    def _sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+        # No x-request-id here: Serve's proxy sets that header to its own request id (the
+        # client's, when it sent one) on every response; a second one would make two. The
+        # completion's own id is in every chunk's `id`.
         return StreamingResponse(
-            body,
-            media_type="text/event-stream",
-            headers={"x-request-id": rid, "cache-control": "no-cache"},
+            body, media_type="text/event-stream", headers={"cache-control": "no-cache"}
         )
 
     # -- chat output --------------------------------------------------------------------------

@@ -59,6 +59,7 @@ shared-prefix and ~0.55 req/s of random. Defaults: 0.6 req/s (shared-prefix, ske
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -79,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from rayfleet.loadtests.workloads import Session
 
 POLICIES = ("kv-aware", "power-of-two", "round-robin")
@@ -701,10 +703,17 @@ def estimated_seconds(workloads: list[RouterWorkload], num_policies: int) -> flo
 # The cluster
 
 
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key.strip(), value
+
+
 def app_args(args, policy: str, model_path: str) -> dict[str, Any]:
     max_len = max(args.prefix_len + args.suffix_len, args.random_input_len or 0)
     max_len = max(1024, max_len + args.output_len + args.block_size)
-    return {
+    out = {
         "model": {"path": model_path},
         "engine": {
             "device": "cpu",
@@ -723,6 +732,12 @@ def app_args(args, policy: str, model_path: str) -> dict[str, Any]:
         "router": {"policy": policy, "seed": args.seed},
         "server": {"log_requests": False},
     }
+    if args.set:
+        from rayfleet.cluster.config import merge
+
+        out = merge(out, {k: yaml.safe_load(v) for k, v in args.set})
+        out["router"]["policy"] = policy  # the one field --set may not change
+    return out
 
 
 class LocalFleet:
@@ -1049,6 +1064,15 @@ def add_args(p) -> None:
     f.add_argument("--max-num-seqs", type=int, default=32, help="running requests per replica")
     f.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (OMP)")
     f.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    f.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="a config field for every policy's app (a YAML value), e.g. "
+        "router.stats_poll_interval_s=1.0; repeatable",
+    )
     f.add_argument(
         "--no-netns",
         action="store_true",

@@ -312,6 +312,20 @@ def test_each_policy_gets_the_same_fleet_but_its_own_router():
     assert kv["replica"]["num_replicas"] == 2 and kv["engine"]["num_kv_blocks"] == 64
 
 
+def test_set_overrides_a_config_field_for_every_policy_but_not_the_policy():
+    p = argparse.ArgumentParser()
+    add_args(p)
+    a = p.parse_args(
+        ["--set", "router.stats_poll_interval_s=1.0", "--set", "router.policy=round-robin"]
+    )
+    for policy in ("kv-aware", "power-of-two"):
+        app = app_args(a, policy, "/m")
+        assert app["router"]["stats_poll_interval_s"] == 1.0
+        assert app["router"]["policy"] == policy and app["router"]["seed"] == 0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--set", "router.policy"])
+
+
 def test_the_default_sizes_are_the_issues():
     p = argparse.ArgumentParser()
     add_args(p)

@@ -153,9 +153,11 @@ def test_sse_ends_with_done(cluster, model_name):
         "POST",
         cluster["base"] + "/v1/completions",
         json=body,
-        headers={"Authorization": f"Bearer {API_KEY}"},
+        headers={"Authorization": f"Bearer {API_KEY}", "x-request-id": "client-rid-1"},
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
+        # One x-request-id, the client's (Serve's proxy echoes it), not a second of ours.
+        assert r.headers.get_list("x-request-id") == ["client-rid-1"]
         lines = [ln for ln in r.iter_lines() if ln]
     assert lines[-1] == "data: [DONE]"
     assert all(ln.startswith("data: ") for ln in lines)

@@ -583,7 +583,13 @@ def sweep(args: argparse.Namespace, cm: CostModel, workload: str, log=print) -> 
         for name in args.policies:
             clock = SimClock()
             policy = make_policy(
-                name, cm, args.load_bound_epsilon, args.seed, clock, slack=args.load_bound_slack
+                name,
+                cm,
+                args.load_bound_epsilon,
+                args.seed,
+                clock,
+                weights=weights_from_args(args),
+                slack=args.load_bound_slack,
             )
             res = simulate(
                 reqs, n, policy, cm, workload=workload, label=name, clock=clock, oracle=oracle
@@ -704,10 +710,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hot-share", type=float, default=0.8, help="skewed: share of the hot prefix")
     p.add_argument("--load-bound-epsilon", type=float, default=RouterConfig().load_bound_epsilon)
     p.add_argument("--load-bound-slack", type=int, default=RouterConfig().load_bound_slack)
+    p.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a kv-aware cost weight (router.weights.NAME), e.g. stall_token=0.5; repeatable",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-dir", default="loadtests/results")
     p.add_argument("--no-plot", action="store_true")
     return p
+
+
+def weights_from_args(args: argparse.Namespace) -> CostWeights:
+    """The router's default cost weights with `--weight NAME=VALUE` applied (validated)."""
+    w = CostWeights().model_dump()
+    for item in getattr(args, "weight", None) or ():
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--weight expects NAME=VALUE, got {item!r}")
+        w[name.strip()] = float(value)
+    return CostWeights(**w)
 
 
 def cost_model_from_args(args: argparse.Namespace) -> CostModel:
@@ -749,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "args": {k: v for k, v in vars(args).items() if k != "result_dir"},
         "cost_model": asdict(cm),
-        "weights": CostWeights().model_dump(),
+        "weights": weights_from_args(args).model_dump(),
         "wall_s": wall,
         "results": [asdict(r) for r in results],
     }

@@ -146,3 +146,17 @@ def test_the_cli_writes_a_table_json_and_figure(tmp_path, capsys):
     assert {r["workload"] for r in doc["results"]} == {"shared-prefix", "random"}
     assert {r["policy"] for r in doc["results"]} == {"kv-aware", "power-of-two", "round-robin"}
     assert (tmp_path / "sim_router.png").stat().st_size > 0
+
+
+def test_weight_overrides_reach_the_policy_and_bad_ones_fail():
+    args = sim.build_parser().parse_args(
+        ["--weight", "running_request=16", "--weight", "kv_usage=0"]
+    )
+    w = sim.weights_from_args(args)
+    assert (w.running_request, w.kv_usage, w.prefill_token) == (16.0, 0.0, 2.0)
+    policy = sim.make_policy("kv-aware", sim.PRESETS["cpu"], 0.5, 0, sim.SimClock(), weights=w)
+    assert policy.weights == w
+    with pytest.raises(SystemExit):
+        sim.weights_from_args(sim.build_parser().parse_args(["--weight", "kv_usage"]))
+    with pytest.raises(ValueError):  # an unknown weight: the config model refuses it
+        sim.weights_from_args(sim.build_parser().parse_args(["--weight", "nope=1"]))

@@ -504,6 +504,41 @@ TABLE_ROWS = [
 ]
 
 
+def pool_rounds(rounds: list[dict], outcomes: list) -> dict:
+    """One policy's runs of one workload over several rounds, as one run: the `bench serve`
+    figures over every round's requests (durations added), the fleet's counters summed,
+    the per-request records concatenated (with their round), and each round kept as is."""
+    from rayfleet.loadtests.metrics import calculate_metrics
+
+    if len(rounds) == 1:
+        return rounds[0]
+    duration = sum(r["bench"]["duration"] for r in rounds)
+    bench = calculate_metrics(outcomes, duration, [90.0, 99.0])
+    bench["duration"] = duration
+    fleets = [r.get("fleet") or {} for r in rounds]
+    hits = sum(f.get("hits") or 0.0 for f in fleets)
+    queries = sum(f.get("queries") or 0.0 for f in fleets)
+    shares = [f.get("replica_query_share") or [] for f in fleets]
+    width = max((len(x) for x in shares), default=0)
+    fleet = {
+        "hits": hits,
+        "queries": queries,
+        "hit_rate": hits / queries if queries else None,
+        "replica_query_share": [
+            round(sum(x[i] if i < len(x) else 0.0 for x in shares) / len(shares), 4)
+            for i in range(width)
+        ],
+        "settled": all(f.get("settled", True) for f in fleets),
+    }
+    requests: dict[str, list] = {}
+    for i, r in enumerate(rounds):
+        rec = r.get("requests") or {}
+        for k, v in rec.items():
+            requests.setdefault(k, []).extend(v)
+        requests.setdefault("round", []).extend([i] * len(rec.get("ttft_ms", [])))
+    return {"bench": bench, "fleet": fleet, "requests": requests, "rounds": rounds}
+
+
 def compare_workload(
     workload: str, runs: dict[str, dict], oracle: Oracle | None, baseline: str = BASELINE
 ) -> dict[str, Any]:
@@ -541,6 +576,11 @@ def compare_workload(
     if unsettled:
         out["unsettled"] = unsettled
     out["targets"] = check_targets(workload, runs.get(CANDIDATE), runs.get(baseline), oracle)
+    cand, base = (runs.get(CANDIDATE) or {}).get("rounds"), (runs.get(baseline) or {}).get("rounds")
+    if cand and base:  # each round's own verdicts, next to the pooled ones
+        out["round_targets"] = [
+            check_targets(workload, c, b, oracle) for c, b in zip(cand, base, strict=False)
+        ]
     return out
 
 
@@ -594,6 +634,9 @@ def format_comparison(workload: str, comp: dict[str, Any], title: str = "") -> s
             f"note: the replicas' counters had not caught up for {', '.join(comp['unsettled'])}"
         )
     out.append("-" * width)
+    for i, targets in enumerate(comp.get("round_targets") or []):
+        vals = ", ".join("-" if t["value"] is None else f"{t['value']:.3f}" for t in targets)
+        out.append(f"round {i + 1} alone: {vals}")
     for t in comp["targets"]:
         mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["ok"]]
         val = "-" if t["value"] is None else f"{t['value']:.3f}"
@@ -939,7 +982,7 @@ def run(args) -> int:
     src.rng = random.Random(args.seed + 7919)
     warmups = random_workload(src, 2 * args.replicas, args.prefix_len + args.suffix_len, 4)
     policies = list(dict.fromkeys(args.policies))
-    est = estimated_seconds(workloads, len(policies))
+    est = estimated_seconds(workloads, len(policies)) * args.rounds
     print(
         f"rayfleet bench router: {', '.join(policies)} x {', '.join(w.name for w in workloads)}; "
         f"{args.replicas} replicas, {args.kv_blocks} KV blocks each; about {est / 60:.0f} min"
@@ -953,9 +996,9 @@ def run(args) -> int:
 
     t_start = time.monotonic()
     load_start = os.getloadavg()
-    runs: dict[str, dict[str, dict]] = {}
     outcomes: dict[str, dict[str, list]] = {}
     deploy_s: dict[str, float] = {}
+    by_round: dict[str, dict[str, list[dict]]] = {}
     threads_seen = None
     with tempfile.TemporaryDirectory(prefix="rfbr-home-") as home:
         net = None
@@ -974,18 +1017,30 @@ def run(args) -> int:
                 try:
                     fleet.start()
                     threads_seen = _replica_threads_seen()
-                    for policy in policies:
-                        r, o, d = run_policy(
-                            fleet, policy, workloads, warmups, model_path, model_name,
-                            tokenizer, args,
-                        )  # fmt: skip
-                        runs[policy], outcomes[policy], deploy_s[policy] = r, o, d
+                    # Round k runs the policies in order, round k+1 in reverse: an
+                    # effect of running first or second (a warmer box, a cooler one)
+                    # falls on each policy equally.
+                    for k in range(args.rounds):
+                        order = policies if k % 2 == 0 else policies[::-1]
+                        for policy in order:
+                            r, o, d = run_policy(
+                                fleet, policy, workloads, warmups, model_path, model_name,
+                                tokenizer, args,
+                            )  # fmt: skip
+                            for name, run_ in r.items():
+                                by_round.setdefault(policy, {}).setdefault(name, []).append(run_)
+                                outcomes.setdefault(policy, {}).setdefault(name, []).extend(o[name])
+                            deploy_s[policy] = deploy_s.get(policy, 0.0) + d
                 finally:
                     fleet.stop()
         finally:
             if net is not None:
                 net.__exit__(None, None, None)
 
+    runs = {
+        p: {name: pool_rounds(rs, outcomes[p][name]) for name, rs in by_round[p].items()}
+        for p in policies
+    }
     comparison = {}
     print()
     for w in workloads:
@@ -1036,7 +1091,14 @@ def run(args) -> int:
 
 
 def validate_args(args) -> None:
-    for name in ("replicas", "kv_blocks", "block_size", "max_num_seqs", "replica_threads"):
+    for name in (
+        "replicas",
+        "kv_blocks",
+        "block_size",
+        "max_num_seqs",
+        "replica_threads",
+        "rounds",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("request_rate", "random_rate", "skewed_rate"):
@@ -1064,6 +1126,14 @@ def add_args(p) -> None:
     f.add_argument("--max-num-seqs", type=int, default=32, help="running requests per replica")
     f.add_argument("--replica-threads", type=int, default=1, help="torch threads per replica (OMP)")
     f.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    f.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every policy this many times, alternating their order (round 2 runs them "
+        "in reverse), and judge the targets on the pooled requests; each round's own "
+        "verdicts are printed too",
+    )
     f.add_argument(
         "--set",
         action="append",

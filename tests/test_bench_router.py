@@ -19,6 +19,7 @@ from rayfleet.loadtests.bench_router import (
     format_comparison,
     oracle_hit_rate,
     parse_replica_counters,
+    pool_rounds,
     request_records,
 )
 from rayfleet.loadtests.metrics import RequestOutcome
@@ -330,6 +331,7 @@ def test_the_default_sizes_are_the_issues():
     p = argparse.ArgumentParser()
     add_args(p)
     a = p.parse_args([])
+    assert a.rounds == 1
     assert (a.replicas, a.num_groups, a.prompts_per_group) == (3, 16, 8)
     assert (a.prefix_len, a.suffix_len, a.output_len) == (512, 64, 32)
     assert a.policies == ["kv-aware", "power-of-two"] and a.hot_fraction == 0.8
@@ -360,3 +362,46 @@ def test_request_records_follow_the_workload_order_and_split_ttft_by_kind():
     assert kinds["other"] == {"n": 1, "median_ms": 3000.0, "p99_ms": 3000.0}
     assert c["ttft_by_kind"]["power-of-two"] is None
     assert "TTFT p50/p99, hot (ms)" in format_comparison("skewed", c)
+
+
+def test_rounds_are_pooled_over_their_requests_and_judged_alone_too():
+    def outs(ttfts, t0):
+        return [
+            RequestOutcome(
+                True, f"bench-{i}-0", start_time=t0 + i, ttft=t, latency=t + 1.0,
+                prompt_len=10, expected_output_len=4, output_tokens=4,
+            )
+            for i, t in enumerate(ttfts)
+        ]  # fmt: skip
+
+    def round_run(ttfts, hits, queries, share, t0):
+        o = outs(ttfts, t0)
+        bench = {
+            "duration": 10.0,
+            "completed": len(o),
+            "failed": 0,
+            "p99_ttft_ms": max(ttfts) * 1e3,
+        }
+        fleet = {"hits": hits, "queries": queries, "hit_rate": hits / queries,
+                 "replica_query_share": share}  # fmt: skip
+        rec = request_records(o, [Session([], meta={"hot": True}) for _ in o])
+        return {"bench": bench, "fleet": fleet, "requests": rec}, o
+
+    kv1, o1 = round_run([0.1, 0.2], 50, 100, [0.6, 0.4], 0.0)
+    kv2, o2 = round_run([0.3, 0.4], 70, 100, [0.5, 0.5], 100.0)
+    kv = pool_rounds([kv1, kv2], o1 + o2)
+    assert kv["fleet"]["hit_rate"] == pytest.approx(0.6)
+    assert kv["fleet"]["replica_query_share"] == [0.55, 0.45]
+    assert kv["bench"]["completed"] == 4 and kv["bench"]["duration"] == 20.0
+    assert kv["bench"]["median_ttft_ms"] == pytest.approx(250.0)
+    assert kv["requests"]["round"] == [0, 0, 1, 1] and len(kv["rounds"]) == 2
+    assert pool_rounds([kv1], o1) is kv1  # one round: the run itself
+
+    p1, q1 = round_run([0.2, 0.3], 50, 100, [0.5, 0.5], 0.0)
+    p2, q2 = round_run([0.2, 0.3], 50, 100, [0.5, 0.5], 100.0)
+    p2c = pool_rounds([p1, p2], q1 + q2)
+    c = compare_workload("skewed", {"kv-aware": kv, "power-of-two": p2c}, None)
+    # Pooled: kv-aware's p99 is 0.4 s vs 0.3 s; alone, round 1 passes and round 2 fails.
+    assert c["targets"][0]["ok"] is False
+    assert [r[0]["ok"] for r in c["round_targets"]] == [True, False]
+    assert "round 2 alone: 1.333" in format_comparison("skewed", c)

@@ -39,13 +39,12 @@ GIB = 1 << 30
 
 
 def _parse_set(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"rayfleet serve: --set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = value
-    return out
+    from .config import key_value
+
+    try:
+        return dict(key_value(item) for item in items)
+    except ValueError as e:
+        raise SystemExit(f"rayfleet serve: --set {e}") from None
 
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, object]:

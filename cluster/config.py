@@ -321,6 +321,16 @@ def load_config(
     return parse_config(data, str(path) if path is not None else None)
 
 
+def key_value(item: str) -> tuple[str, str]:
+    """`KEY=VALUE` from a command line (`--set`, `--weight`) -> (KEY, VALUE); the value is
+    left a string. Raises ValueError without an `=` or a key (argparse reports it when
+    this is an argument's `type`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {item!r}")
+    return key.strip(), value
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `overrides` into a copy of `base`; keys like "engine.block_size" are paths."""
     out = _deepcopy(base)

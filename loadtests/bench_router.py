@@ -59,7 +59,6 @@ shared-prefix and ~0.55 req/s of random. Defaults: 0.6 req/s (shared-prefix, ske
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import os
@@ -747,10 +746,15 @@ def estimated_seconds(workloads: list[RouterWorkload], num_policies: int) -> flo
 
 
 def _key_value(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    return key.strip(), value
+    # `rayfleet --help` builds this parser: the config module (torch) loads only when used.
+    from argparse import ArgumentTypeError
+
+    from rayfleet.cluster.config import key_value
+
+    try:
+        return key_value(item)
+    except ValueError as e:
+        raise ArgumentTypeError(str(e)) from None
 
 
 def app_args(args, policy: str, model_path: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayfleet.cluster.config import key_value
 from rayfleet.cluster.prefix_index import PrefixIndex
 from rayfleet.cluster.router_config import CostWeights, RouterConfig
 from rayfleet.cluster.routing_policy import (
@@ -714,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight",
         action="append",
         default=[],
+        type=key_value,
         metavar="NAME=VALUE",
         help="a kv-aware cost weight (router.weights.NAME), e.g. stall_token=0.5; repeatable",
     )
@@ -726,11 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
 def weights_from_args(args: argparse.Namespace) -> CostWeights:
     """The router's default cost weights with `--weight NAME=VALUE` applied (validated)."""
     w = CostWeights().model_dump()
-    for item in getattr(args, "weight", None) or ():
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--weight expects NAME=VALUE, got {item!r}")
-        w[name.strip()] = float(value)
+    for name, value in getattr(args, "weight", None) or ():
+        w[name] = float(value)
     return CostWeights(**w)
 
 

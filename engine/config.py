@@ -44,6 +44,10 @@ class EngineConfig(BaseModel):
     # CPU: torch's intra-op threads. None leaves the process's default (under Ray, a
     # replica's OMP_NUM_THREADS = its num_cpus); 0 uses every core the process may run on.
     num_threads: int | None = Field(None, ge=0, description="CPU threads (0: all cores)")
+    # CPU float32: which projections also keep a oneDNN-prepacked copy of their weight, used
+    # for the row counts where it beats BLAS (`models.linear.PACKED_ROWS_*`). "all" costs a
+    # second copy of every projection weight; "lm_head" only of the vocabulary matrix.
+    cpu_packed_weights: Literal["all", "lm_head", "none"] = "all"
 
     # Streaming: the async engine coalesces deltas for at most this long (0: every step).
     stream_interval_s: float = Field(0.0, ge=0.0)

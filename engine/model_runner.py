@@ -86,6 +86,23 @@ def _use_column_major_weights(model: torch.nn.Module) -> None:
             module.weight = torch.nn.Parameter(w.data.t().contiguous().t(), requires_grad=False)
 
 
+def _pack_weights_for_cpu(model: torch.nn.Module, which: str) -> int:
+    """Give projections ("all", or only the "lm_head") a oneDNN-prepacked copy of their
+    weight, which `models.linear.cpu_linear` uses for the row counts where it beats BLAS
+    (measured: decoder projections 1.16-1.2x at 8-16 rows, the LM head 1.1-1.67x at 2-64;
+    slower at one row, hence a copy rather than a replacement). Returns the bytes added."""
+    from .models.embedding import ParallelLMHead
+    from .models.linear import _ParallelLinearBase, pack_for_cpu
+
+    kinds = (ParallelLMHead,) if which == "lm_head" else (_ParallelLinearBase, ParallelLMHead)
+    added = 0
+    for module in model.modules():
+        if isinstance(module, kinds):
+            module.packed_weight = pack_for_cpu(module.weight)
+            added += module.weight.numel() * module.weight.element_size()
+    return added
+
+
 def _token_slice(req: Request, start: int, n: int) -> list[int]:
     """req.all_token_ids[start:start + n] without concatenating the whole list."""
     prompt = req.prompt_token_ids
@@ -140,6 +157,14 @@ class ModelRunner:
         self.cpu_kernels = self.device.type == "cpu" and cpu_kernels.available()
         if self.device.type == "cpu":
             _use_column_major_weights(self.model)
+        self.packed_weight_bytes = 0
+        if (
+            config.cpu_packed_weights != "none"
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+        ):
+            self.packed_weight_bytes = _pack_weights_for_cpu(self.model, config.cpu_packed_weights)
         if self.cpu_kernels and hasattr(self.model, "use_fused_cpu_kernels"):
             self.model.use_fused_cpu_kernels(True)
         self.sampler = Sampler()

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+from rayfleet.loadtests.arg_types import key_value_arg
+
 SCENARIOS = ("decode", "throughput", "variable")
 
 
@@ -68,10 +71,12 @@ class RayfleetSide:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         tokenizer: str | None = None,
+        engine_overrides: dict | None = None,
     ):
         from rayfleet.engine import LLM
 
         kw = {"tokenizer": tokenizer} if tokenizer else {}
+        kw.update(engine_overrides or {})
         self.llm = LLM(
             model=model,
             dtype=dtype,
@@ -354,6 +359,15 @@ def add_args(p) -> None:
         action="store_true",
         help="small run: 8 requests, 32 in / 32 out, 8..64 variable, 1 repeat",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=key_value_arg,
+        metavar="KEY=VALUE",
+        help="an engine config field for rayfleet's side (a YAML value), e.g. "
+        "cpu_packed_weights=none; repeatable",
+    )
     p.add_argument("--result-dir", default=None, help="default: loadtests/results")
     p.add_argument("--result-filename", default=None)
     p.add_argument("--no-save", action="store_true")
@@ -382,6 +396,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    engine_overrides = {k: yaml.safe_load(v) for k, v in args.set}
     model_path = args.model or default_tokenizer_path()
     tokenizer, vocab = _prompt_source(model_path, args.tokenizer)
     prompts = make_prompts(tokenizer, cfg.num_requests, cfg.input_len, cfg.seed, vocab)
@@ -393,6 +408,7 @@ def run(args) -> int:
         cfg.batch_size,
         args.max_num_batched_tokens,
         args.tokenizer,
+        engine_overrides,
     )
     load_rf = time.perf_counter() - t
     sides: dict[str, GenerateFn] = {"rayfleet": rf.generate}
@@ -416,6 +432,7 @@ def run(args) -> int:
         "repeats": cfg.repeats,
         "seed": cfg.seed,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "engine_overrides": engine_overrides,
         "load_time_s": {"rayfleet": load_rf, "hf": load_hf},
     }
     doc.update(run_scenarios(sides, prompts, cfg))

@@ -80,6 +80,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from rayfleet.loadtests.arg_types import key_value_arg
 from rayfleet.loadtests.workloads import Session
 
 POLICIES = ("kv-aware", "power-of-two", "round-robin")
@@ -745,18 +746,6 @@ def estimated_seconds(workloads: list[RouterWorkload], num_policies: int) -> flo
 # The cluster
 
 
-def _key_value(item: str) -> tuple[str, str]:
-    # `rayfleet --help` builds this parser: the config module (torch) loads only when used.
-    from argparse import ArgumentTypeError
-
-    from rayfleet.cluster.config import key_value
-
-    try:
-        return key_value(item)
-    except ValueError as e:
-        raise ArgumentTypeError(str(e)) from None
-
-
 def app_args(args, policy: str, model_path: str) -> dict[str, Any]:
     max_len = max(args.prefix_len + args.suffix_len, args.random_input_len or 0)
     max_len = max(1024, max_len + args.output_len + args.block_size)
@@ -1142,7 +1131,7 @@ def add_args(p) -> None:
         "--set",
         action="append",
         default=[],
-        type=_key_value,
+        type=key_value_arg,
         metavar="KEY=VALUE",
         help="a config field for every policy's app (a YAML value), e.g. "
         "router.stats_poll_interval_s=1.0; repeatable",

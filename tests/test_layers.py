@@ -11,6 +11,7 @@ from rayfleet.engine.models.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    pack_for_cpu,
 )
 from rayfleet.engine.models.norm import RMSNorm
 from rayfleet.engine.models.rotary import (
@@ -315,3 +316,31 @@ def test_tensor_parallel_2_ranks_over_gloo_match_tp1_logits(tiny_model_factory, 
     got = torch.load(out_file)
     assert got.shape == ref.shape == (t, 383)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 16, 32, 33, 64, 65, 200])
+def test_packed_linear_matches_blas_and_is_used_only_inside_its_row_range(rows):
+    """The oneDNN-packed copy gives the same matmul (float32 rounding apart) and serves only
+    the row counts in `packed_rows`; outside it the layer is exactly F.linear."""
+    torch.manual_seed(rows)
+    w, b, x = torch.randn(48, 40), torch.randn(48), torch.randn(rows, 40)
+    layer = ColumnParallelLinear(40, 48, bias=True)
+    _load(layer, w)
+    _load(layer, b, param="bias")
+    layer.packed_weight = pack_for_cpu(layer.weight)
+    lo, hi = layer.packed_rows = (8, 33)
+    got = layer(x)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    packed = torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, b, "none", [], "")
+    assert torch.equal(got, packed if lo <= rows < hi else F.linear(x, w, b))
+
+
+def test_packed_lm_head_matches_blas():
+    torch.manual_seed(0)
+    head = ParallelLMHead(300, 24)
+    _load(head, torch.randn(300, 24))
+    x = torch.randn(16, 24)
+    ref = head(x)
+    head.packed_weight = pack_for_cpu(head.weight)
+    assert head.packed_rows[0] <= 16 < head.packed_rows[1]
+    torch.testing.assert_close(head(x), ref, atol=1e-4, rtol=1e-5)

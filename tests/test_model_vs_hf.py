@@ -222,3 +222,29 @@ def test_default_model_greedy_64_tokens_match_hf_generate(smol, smol_prompts):
     for prompt, got in zip(smol_prompts, ours, strict=True):
         assert got == _hf_generate(hf, prompt, 64)
     assert len(ours[0]) == 64  # the story runs the full length
+
+
+@pytest.mark.parametrize("which", ["all", "lm_head", "none"])
+def test_cpu_packed_weights_setting_and_logits(tiny_model_factory, which):
+    """`cpu_packed_weights` decides which projections get a oneDNN copy, and the prefill
+    logits (chunks of 13/1/20/16 rows: inside and outside the packed row ranges) match HF
+    whichever it is."""
+    from rayfleet.engine.models.embedding import ParallelLMHead
+    from rayfleet.engine.models.linear import _ParallelLinearBase
+
+    path = tiny_model_factory("qwen2-qkv-bias", **TINY_VARIANTS["qwen2-qkv-bias"])
+    runner = ModelRunner(
+        EngineConfig(model=str(path), block_size=4, device="cpu", cpu_packed_weights=which),
+        str(path),
+    )
+    runner.allocate_kv_cache(64)
+    layers = [m for m in runner.model.modules() if isinstance(m, _ParallelLinearBase)]
+    heads = [m for m in runner.model.modules() if isinstance(m, ParallelLMHead)]
+    assert all((m.packed_weight is not None) == (which == "all") for m in layers)
+    assert all((m.packed_weight is not None) == (which != "none") for m in heads)
+    assert (runner.packed_weight_bytes > 0) == (which != "none")
+    ids = _prompt(50, runner.hf_config.vocab_size, 3)
+    ours = _our_logits(runner, ids, [13, 1, 20, 16], list(range(13)))
+    with torch.inference_mode():
+        ref = _hf(path)(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)

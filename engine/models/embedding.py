@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import PACKED_ROWS_LM_HEAD, cpu_linear
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(
@@ -69,6 +71,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; `tie(embedding)` shares the embedding's weight."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed_weight: torch.Tensor | None = None  # set by the model runner (CPU)
+        self.packed_rows = PACKED_ROWS_LM_HEAD
+
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         if (embedding.num_embeddings, embedding.shard_size) != (
             self.num_embeddings,
@@ -79,7 +86,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # noqa: D401
         """hidden[N, H] -> logits[N, vocab] in float32."""
-        logits = F.linear(hidden, self.weight)
+        logits = cpu_linear(hidden, self.weight, None, self.packed_weight, self.packed_rows)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits, group=self.tp_group)

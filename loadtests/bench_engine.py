@@ -269,13 +269,13 @@ def run_scenarios(
                     "output_tokens_per_second": useful / el,
                     "samples_output_tokens_per_second": [s["useful"] / s["elapsed"] for s in ss],
                 }
-        if len(names) == 2:
-            a, b = names
-            if scen == "decode":
-                entry["speedup"] = entry[b]["ms_per_token"] / entry[a]["ms_per_token"]
-            else:
-                entry["speedup"] = (
-                    entry[a]["output_tokens_per_second"] / entry[b]["output_tokens_per_second"]
+        # rayfleet over each other side: the ratio of the medians, and the median of the
+        # per-repeat ratios (sides run back to back within a repeat, so this one is robust
+        # to the machine drifting between repeats).
+        for other, key in (("hf", "speedup"), ("baseline", "vs_baseline")):
+            if "rayfleet" in entry and other in entry:
+                entry[key], entry[f"paired_{key}"] = _ratios(
+                    scen, samples[scen]["rayfleet"], samples[scen][other]
                 )
         if scen == "decode":
             entry.update(input_len=cfg.input_len, output_len=cfg.output_len)
@@ -290,12 +290,30 @@ def run_scenarios(
     return doc
 
 
+def _ratios(scen: str, ours: list[dict], other: list[dict]) -> tuple[float, float]:
+    """(ratio of medians, median of per-repeat ratios), >1 when rayfleet is faster."""
+    if scen == "decode":
+        per = [o["ms_per_token"] / r["ms_per_token"] for r, o in zip(ours, other, strict=True)]
+        med = statistics.median(o["ms_per_token"] for o in other) / statistics.median(
+            r["ms_per_token"] for r in ours
+        )
+    else:
+        per = [o["elapsed"] / r["elapsed"] for r, o in zip(ours, other, strict=True)]
+        med = statistics.median(o["elapsed"] for o in other) / statistics.median(
+            r["elapsed"] for r in ours
+        )
+    return med, statistics.median(per)
+
+
 def format_table(doc: dict) -> str:
-    names = [k for k in ("rayfleet", "hf") if k in doc.get("lengths_ok", {})]
-    w = 72
+    names = [k for k in ("rayfleet", "baseline", "hf") if k in doc.get("lengths_ok", {})]
+    ratios = [k for k in ("speedup", "vs_baseline") if any(k in doc.get(s, {}) for s in SCENARIOS)]
+    w = 46 + 12 * (len(names) + len(ratios))
     out = [
         " Engine benchmark (offline) ".center(w, "="),
-        f"{'scenario':<34}" + "".join(f"{n:>12}" for n in names) + f"{'speedup':>12}",
+        f"{'scenario':<34}"
+        + "".join(f"{n:>12}" for n in names)
+        + "".join(f"{r:>12}" for r in ratios),
     ]
     for scen, label, key, fmt in (
         ("decode", "batch-1 decode (ms/token)", "ms_per_token", ".2f"),
@@ -313,8 +331,17 @@ def format_table(doc: dict) -> str:
         elif scen == "decode":
             label = f"batch-1 decode, {e['output_len']} tok (ms/token)"
         row = f"{label:<34}" + "".join(f"{format(e[n][key], fmt):>12}" for n in names)
-        row += f"{e['speedup']:>11.2f}x" if "speedup" in e else f"{'-':>12}"
+        for r in ratios:
+            row += f"{e[r]:>11.2f}x" if r in e else f"{'-':>12}"
         out.append(row)
+        first = e[names[0]]
+        reps = first.get("samples_output_tokens_per_second") or first.get("samples_ms_per_token")
+        if ratios and len(reps or []) > 1:
+            paired = "".join(
+                f"{e['paired_' + r]:>11.2f}x" if "paired_" + r in e else f"{'-':>12}"
+                for r in ratios
+            )
+            out.append(f"{'  paired (median of per-repeat)':<{34 + 12 * len(names)}}" + paired)
     if "variable" in doc and "hf" in doc["variable"]:
         v = doc["variable"]["hf"]
         out.append(
@@ -322,6 +349,8 @@ def format_table(doc: dict) -> str:
             f"{v['total_output_tokens']} requested"
         )
     out.append("speedup: rayfleet over transformers (ms/token: hf/rayfleet; tok/s: rayfleet/hf)")
+    if "baseline" in names:
+        out.append(f"vs_baseline: rayfleet over itself with {doc.get('baseline_overrides')}")
     if not all(doc.get("lengths_ok", {}).values()):
         out.append(f"WARNING: some outputs had the wrong length: {doc['lengths_ok']}")
     out.append("=" * w)
@@ -366,7 +395,16 @@ def add_args(p) -> None:
         type=key_value_arg,
         metavar="KEY=VALUE",
         help="an engine config field for rayfleet's side (a YAML value), e.g. "
-        "cpu_packed_weights=none; repeatable",
+        "max_num_batched_tokens=1024; repeatable",
+    )
+    p.add_argument(
+        "--baseline-set",
+        action="append",
+        default=[],
+        type=key_value_arg,
+        metavar="KEY=VALUE",
+        help="also run rayfleet with this engine field changed (a YAML value), as a "
+        "'baseline' side interleaved with the others, e.g. cpu_packed_weights=none; repeatable",
     )
     p.add_argument("--result-dir", default=None, help="default: loadtests/results")
     p.add_argument("--result-filename", default=None)
@@ -412,6 +450,20 @@ def run(args) -> int:
     )
     load_rf = time.perf_counter() - t
     sides: dict[str, GenerateFn] = {"rayfleet": rf.generate}
+    baseline_overrides = None
+    if args.baseline_set:
+        baseline_overrides = {**engine_overrides}
+        baseline_overrides.update({k: yaml.safe_load(v) for k, v in args.baseline_set})
+        base = RayfleetSide(
+            args.model,
+            args.dtype,
+            args.device,
+            cfg.batch_size,
+            args.max_num_batched_tokens,
+            args.tokenizer,
+            baseline_overrides,
+        )
+        sides["baseline"] = base.generate
     load_hf = None
     if not args.skip_hf:
         t = time.perf_counter()
@@ -433,6 +485,7 @@ def run(args) -> int:
         "seed": cfg.seed,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "engine_overrides": engine_overrides,
+        "baseline_overrides": baseline_overrides,
         "load_time_s": {"rayfleet": load_rf, "hf": load_hf},
     }
     doc.update(run_scenarios(sides, prompts, cfg))

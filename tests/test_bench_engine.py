@@ -158,3 +158,45 @@ def test_engine_bench_quick_run_on_the_default_model(default_model_dir, tmp_path
     ]
     assert main(argv) == 0
     assert json.loads((tmp_path / "engine.json").read_text())["lengths_ok"]["rayfleet"]
+
+
+def test_baseline_side_gets_paired_per_repeat_ratios(monkeypatch):
+    """A 'baseline' side (rayfleet with other settings) is interleaved like HF; its ratio is
+    given as a ratio of medians and as the median of per-repeat ratios. A fake clock makes
+    the baseline exactly twice as slow, and the machine 'drift' (each repeat slower)."""
+    import rayfleet.loadtests.bench_engine as be
+
+    clock = {"t": 0.0, "calls": 0}
+    monkeypatch.setattr(be.time, "perf_counter", lambda: clock["t"])
+
+    def side(cost):
+        def generate(prompts, lens):
+            clock["calls"] += 1
+            clock["t"] += cost * (1 + clock["calls"] // 4)  # drift
+            return _exact(prompts, lens)
+
+        return generate
+
+    cfg = EngineBenchConfig(
+        num_requests=4,
+        input_len=3,
+        output_len=5,
+        min_output_len=2,
+        max_output_len=6,
+        repeats=3,
+        scenarios=("throughput", "variable"),
+    )
+    doc = run_scenarios(
+        {"rayfleet": side(1.0), "baseline": side(2.0)},
+        make_prompts(None, 4, 3, 0, 100),
+        cfg,
+        log=lambda s: None,
+    )
+    for scen in ("throughput", "variable"):
+        e = doc[scen]
+        assert "speedup" not in e  # no hf side
+        assert e["paired_vs_baseline"] == pytest.approx(2.0, rel=0.5)
+        assert e["vs_baseline"] > 1.0
+    doc["baseline_overrides"] = {"cpu_packed_weights": "none"}
+    table = format_table(doc)
+    assert "vs_baseline" in table and "paired" in table and "cpu_packed_weights" in table

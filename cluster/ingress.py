@@ -565,7 +565,14 @@ class Ingress:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse_response(
                 self._completion_stream(
-                    rid, created, params.n, req.logprobs, echo, include_usage, started
+                    rid,
+                    created,
+                    params.n,
+                    req.logprobs,
+                    echo,
+                    include_usage,
+                    started,
+                    [g.prompt for g in greqs],
                 )
             )
         return await self._completion_full(
@@ -741,6 +748,18 @@ class Ingress:
             offset,
         )  # fmt: skip
 
+    def _echo_logprobs(self, ids: list[int], plps: list, top: int) -> dict[str, list]:
+        """The prompt's part of an echoed choice's logprobs: its tokens from offset 0, the
+        first with null logprobs (nothing predicts it), as OpenAI's legacy API gives them."""
+        first = self.tok_str(ids[0])
+        part, _ = self._completion_logprobs(ids[1:], plps[1:], top, len(first))
+        return {
+            "text_offset": [0] + part["text_offset"],
+            "token_logprobs": [None] + part["token_logprobs"],
+            "tokens": [first] + part["tokens"],
+            "top_logprobs": [None] + part["top_logprobs"],
+        }
+
     async def _completion_full(self, rid, created, n, top, echo, greqs, started) -> dict:
         num = len(started) * n
         texts = [""] * num
@@ -758,7 +777,10 @@ class Ingress:
                     texts[p * n + i] = echo[p]
                     offsets[p * n + i] = len(echo[p])
         prompt_tokens = cached = 0
+        echoed_lps: dict[int, dict[str, list]] = {}  # prompt -> its tokens' logprobs
         for p, d in await self.collect(greqs, started):
+            if d.prompt_logprobs is not None and top is not None:
+                echoed_lps[p] = self._echo_logprobs(greqs[p].prompt, d.prompt_logprobs, top)
             if d.num_prompt_tokens is not None:
                 prompt_tokens += d.num_prompt_tokens
             cached = max(cached, d.num_cached_tokens)
@@ -774,6 +796,9 @@ class Ingress:
                         lps[c][k] += v
                 if s.finish_reason is not None:
                     reasons[c], stops[c] = s.finish_reason, s.stop_reason
+        for p, part in echoed_lps.items():
+            for c in range(p * n, p * n + n):
+                lps[c] = {k: part[k] + lps[c][k] for k in part}
         choices = [
             CompletionChoice(
                 index=c,
@@ -793,26 +818,37 @@ class Ingress:
         )
         return resp.model_dump(exclude_none=False)
 
-    def _completion_stream(self, rid, created, n, top, echo, include_usage, started):
+    def _completion_stream(self, rid, created, n, top, echo, include_usage, started, prompts):
         tally = _UsageTally()
-        body = self._completion_chunks(rid, created, n, top, echo, include_usage, tally, started)
+        body = self._completion_chunks(
+            rid, created, n, top, echo, include_usage, tally, started, prompts
+        )
         return self._framed_stream(
             rid, created, completion_chunk, include_usage, tally, body, started
         )
 
-    async def _completion_chunks(self, rid, created, n, top, echo, include_usage, tally, started):
+    async def _completion_chunks(
+        self, rid, created, n, top, echo, include_usage, tally, started, prompts
+    ):
         model = self.model_name
         extra = {"usage": None} if include_usage else {}
         offsets: dict[int, int] = {}
         echoed: set[int] = set()
+        echoed_lps: dict[int, dict[str, list]] = {}  # prompt -> its tokens' logprobs
         async for p, d in self.iterate(started):
             tally.add(d)
+            # Sample 0's first item carries them; the engine holds other samples back
+            # until then, so every choice's first chunk can start with them.
+            if d.prompt_logprobs is not None and top is not None and echo is not None:
+                echoed_lps[p] = self._echo_logprobs(prompts[p], d.prompt_logprobs, top)
             for s in d.samples:
                 c = p * n + s.index
                 text = s.text
-                if echo is not None and c not in echoed:
+                first_chunk = echo is not None and c not in echoed
+                if first_chunk:
                     echoed.add(c)
                     text = echo[p] + text
+                    offsets[c] = len(echo[p])
                 if not text and s.finish_reason is None and top is None:
                     continue
                 logprobs = None
@@ -820,6 +856,9 @@ class Ingress:
                     logprobs, offsets[c] = self._completion_logprobs(
                         s.token_ids, s.logprobs, top, offsets.get(c, 0)
                     )
+                if first_chunk and p in echoed_lps:
+                    part = echoed_lps[p]
+                    logprobs = {k: part[k] + (logprobs or {}).get(k, []) for k in part}
                 choice: dict[str, Any] = {
                     "index": c,
                     "text": text,

@@ -72,6 +72,9 @@ class StreamDelta:
     num_cached_tokens: int = 0
     replica: str | None = None  # set on the first item
     error: str | None = None  # invalid input (HTTP 400); the only item of its stream
+    # SamplingParams.prompt_logprobs: once, on the item that completes them (sample 0's
+    # first token): one {token: Logprob} per prompt token, None for the first.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class LLMServer:
@@ -170,6 +173,7 @@ class LLMServer:
             num_prompt_tokens=len(out.prompt_token_ids) if first else None,
             num_cached_tokens=out.num_cached_tokens,
             replica=self.replica if first else None,
+            prompt_logprobs=out.prompt_logprobs,
         )
 
     def _record(

@@ -114,8 +114,11 @@ class _SamplingRequest(_Request):
                 param="best_of",
             )
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         kw: dict[str, Any] = {
+            "prompt_logprobs": prompt_logprobs,
             "n": self.n,
             "max_tokens": max_tokens,
             "min_tokens": self.min_tokens,
@@ -217,12 +220,9 @@ class CompletionRequest(_SamplingRequest):
         self._check_common()
         if self.suffix:
             raise ProtocolError("suffix is not supported", param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise ProtocolError(
-                "echo with logprobs is not supported (prompt logprobs are not computed)",
-                param="echo",
-            )
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        # echo + logprobs: the prompt's tokens get logprobs too (the first one null).
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (texts or token-id lists)."""

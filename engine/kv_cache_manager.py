@@ -94,13 +94,14 @@ class KVCacheManager:
     def num_cached_prefix_tokens(self, request: Request) -> int:
         """Tokens `get_computed_blocks` would find cached right now, without counting a
         prefix-cache query: an estimate for load reports."""
-        if not self.enable_caching:
+        if not self.enable_caching or request.needs_prompt_logprobs:
             return 0
         return len(self._cached_prefix(request)) * self.block_size
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Leading blocks of a new (or recomputing) request already in the prefix cache."""
-        if not self.enable_caching:
+        """Leading blocks of a new (or recomputing) request already in the prefix cache
+        (none for a request still computing prompt logprobs)."""
+        if not self.enable_caching or request.needs_prompt_logprobs:
             return [], 0
         hits = self._cached_prefix(request)
         self.stats.queries += request.num_tokens

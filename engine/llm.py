@@ -49,6 +49,8 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
     acc.metrics = delta.metrics or acc.metrics
     acc.num_cached_tokens = delta.num_cached_tokens
     acc.error = delta.error
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     return acc
 
 

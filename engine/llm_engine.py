@@ -220,6 +220,8 @@ class LLMEngine:
                 priority=prepared.priority,
                 generator=gen,
             )
+            if i == 0 and p.prompt_logprobs is not None:
+                req.prompt_logprobs = [None]
             samples.append(SampleState(req, self.outputs.make_detokenizer(req)))
         state = RequestState(
             prepared.request_id,
@@ -271,6 +273,10 @@ class LLMEngine:
         self.scheduler.update_after_step(sched)
         self._num_steps += 1
         touched: dict[str, RequestState] = {}
+        for rid, (first, lps) in result.prompt_logprobs.items():
+            sample = self._samples.get(rid)
+            if sample is not None:
+                self.outputs.add_prompt_logprobs(sample.request, first, lps)
         for s in sched.scheduled:
             if not s.samples:
                 continue

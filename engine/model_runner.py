@@ -23,7 +23,7 @@ from .model_loader import get_model_architecture, iterate_weights, load_hf_confi
 from .models.attention import AttentionMetadata
 from .models.llama import head_dim_of
 from .request import Request
-from .sampler import Sampler, TokenLogprobs
+from .sampler import Sampler, TokenLogprobs, token_logprobs
 from .scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class SampledToken:
 @dataclass
 class ModelRunnerOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)  # request id -> token
+    # request id -> (first prompt position scored, its TokenLogprobs in order): entry j is
+    # the logprob of prompt token `first + j`, predicted from the position before it.
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -254,6 +257,8 @@ class ModelRunner:
         query_lens: list[int] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
+        # Prompt logprobs: (request, first prompt token scored, its rows in the batch).
+        prompt_lp: list[tuple[Request, int, range]] = []
         for s in scheduler_output.scheduled:
             req, n, blocks = s.request, s.num_new_tokens, s.block_ids
             start = req.num_computed_tokens
@@ -273,6 +278,14 @@ class ModelRunner:
                     f"request {req.request_id!r}: {end} tokens exceed max_model_len "
                     f"{self.max_model_len}"
                 )
+            if req.needs_prompt_logprobs:
+                # Position p predicts prompt token p + 1: score the tokens not yet scored
+                # (a recompute after preemption runs positions already done).
+                first = max(len(req.prompt_logprobs), start + 1)
+                last = min(end, req.num_prompt_tokens - 1)  # last scored token's position
+                if first <= last:
+                    row0 = len(input_ids) - start
+                    prompt_lp.append((req, first, range(row0 + first - 1, row0 + last)))
             input_ids.extend(_token_slice(req, start, n))
             if n == 1:
                 positions.append(start)
@@ -305,8 +318,9 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=slot_t, plan=plan, positions=pos_t)
 
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
+        scored = self._prompt_logprobs(hidden, prompt_lp) if prompt_lp else {}
         if not sample_rows:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(prompt_logprobs=scored)
         if len(sample_rows) == hidden.shape[0]:
             picked = hidden
         else:
@@ -317,5 +331,25 @@ class ModelRunner:
             sampled={
                 r.request_id: SampledToken(tok, lp)
                 for r, tok, lp in zip(sample_reqs, out.token_ids, out.logprobs, strict=True)
-            }
+            },
+            prompt_logprobs=scored,
         )
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, wanted: list[tuple[Request, int, range]]
+    ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        """Logprobs of prompt tokens from the hidden states of the positions before them
+        (the LM head runs on those rows too; raw log-softmax, as for sampled tokens)."""
+        rows = [r for _, _, rr in wanted for r in rr]
+        targets = [
+            t for req, first, rr in wanted for t in req.prompt_token_ids[first : first + len(rr)]
+        ]
+        idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        raw = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+        ks = [req.sampling_params.prompt_logprobs or 0 for req, _, rr in wanted for _ in rr]
+        got = token_logprobs(raw, torch.tensor(targets, device=hidden.device), ks)
+        out, i = {}, 0
+        for req, first, rr in wanted:
+            out[req.request_id] = (first, got[i : i + len(rr)])
+            i += len(rr)
+        return out

@@ -35,6 +35,7 @@ class RequestState:
     samples: list[SampleState]
     arrival_time: float
     error: str | None = None
+    prompt_logprobs_reported: bool = False
 
     @property
     def finished(self) -> bool:
@@ -62,6 +63,24 @@ class OutputProcessor:
             min_tokens=p.min_tokens,
         )
 
+    def logprob_entry(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        """{token: Logprob} for one position: the token itself, then the top-k by rank."""
+        entry = {
+            lp.token_id: Logprob(lp.logprob, lp.rank, decode_token(self.tokenizer, lp.token_id))
+        }
+        for rank, (tid, val) in enumerate(lp.top, start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(val, rank, decode_token(self.tokenizer, tid))
+        return entry
+
+    def add_prompt_logprobs(self, req: Request, first: int, lps: list[TokenLogprobs]) -> None:
+        """Prompt tokens `first`, `first + 1`, ... scored by a step (positions already held,
+        from a recompute after preemption, are skipped)."""
+        have = req.prompt_logprobs
+        for t, lp in enumerate(lps, start=first):
+            if t == len(have):
+                have.append(self.logprob_entry(lp))
+
     def process_token(
         self, sample: SampleState, token_id: int, logprobs: TokenLogprobs | None
     ) -> RequestStatus | None:
@@ -75,15 +94,7 @@ class OutputProcessor:
         sample.new_token_ids.append(token_id)
         if logprobs is not None:
             sample.cumulative_logprob += logprobs.logprob
-            entry = {
-                logprobs.token_id: Logprob(
-                    logprobs.logprob, logprobs.rank, decode_token(self.tokenizer, logprobs.token_id)
-                )
-            }
-            for rank, (tid, lp) in enumerate(logprobs.top, start=1):
-                if tid not in entry:
-                    entry[tid] = Logprob(lp, rank, decode_token(self.tokenizer, tid))
-            sample.new_logprobs.append(entry)
+            sample.new_logprobs.append(self.logprob_entry(logprobs))
 
         params = req.sampling_params
         past_min = req.num_output_tokens >= params.min_tokens
@@ -133,6 +144,15 @@ class OutputProcessor:
                 s.finish_reported = True
         if not outputs:
             return None
+        prompt_logprobs = None
+        first_req = state.samples[0].request
+        if (
+            not state.prompt_logprobs_reported
+            and first_req.prompt_logprobs is not None
+            and not first_req.needs_prompt_logprobs
+        ):
+            prompt_logprobs = first_req.prompt_logprobs
+            state.prompt_logprobs_reported = True
         done = state.finished
         metrics = None
         if done:
@@ -172,4 +192,5 @@ class OutputProcessor:
             metrics=metrics,
             num_cached_tokens=state.samples[0].request.num_cached_tokens,
             error=state.error,
+            prompt_logprobs=prompt_logprobs,
         )

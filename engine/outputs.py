@@ -14,6 +14,8 @@ class Logprob:
 
 # One generated position: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token, the same shape; None for the first token (nothing predicts it).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -58,3 +60,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs: on the first delta (with the first token) and
+    # on the accumulated output; None otherwise.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -59,6 +59,9 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # Prompt logprobs (sample 0 of a request that asked for them): entry i is for prompt
+    # token i (None for the first, which nothing predicts), filled as prefill chunks run.
+    prompt_logprobs: list | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -75,6 +78,13 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Still computing its prompt logprobs: every prompt position must run through the
+        model, so the prefix cache is not used for it until they are complete."""
+        pl = self.prompt_logprobs
+        return pl is not None and len(pl) < len(self.prompt_token_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -377,20 +377,25 @@ def _gather_logprobs(
     rows: list[int],
     params: list[SamplingParams],
 ) -> list[TokenLogprobs]:
-    chosen = raw_logprobs.gather(1, sampled.unsqueeze(1))
+    return token_logprobs(raw_logprobs, sampled, [params[i].logprobs or 0 for i in rows])
+
+
+def token_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, ks: list[int]
+) -> list[TokenLogprobs]:
+    """Row j: the logprob and rank of `token_ids[j]` under `raw_logprobs[j]`, and the top
+    `ks[j]` (token, logprob) pairs. Shared by sampled tokens and prompt logprobs."""
+    chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1))
     ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
-    ks = [params[i].logprobs or 0 for i in rows]
     kmax = min(max(ks), raw_logprobs.shape[1])
     if kmax > 0:
         top_vals, top_ids = raw_logprobs.topk(kmax, dim=-1)
         top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
     chosen_l = chosen.squeeze(1).tolist()
     ranks_l = ranks.tolist()
-    sampled_l = sampled.tolist()
+    ids_l = token_ids.tolist()
     out = []
     for j, k in enumerate(ks):
         top = list(zip(top_ids_l[j][:k], top_vals_l[j][:k], strict=True)) if k > 0 else []
-        out.append(
-            TokenLogprobs(token_id=sampled_l[j], logprob=chosen_l[j], rank=ranks_l[j], top=top)
-        )
+        out.append(TokenLogprobs(token_id=ids_l[j], logprob=chosen_l[j], rank=ranks_l[j], top=top))
     return out

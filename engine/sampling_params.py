@@ -29,7 +29,9 @@ class SamplingParams:
     logprobs: int | None = (
         None  # number of top logprobs per generated token (0: only the sampled one)
     )
-    prompt_logprobs: int | None = None  # accepted for API compatibility; not computed yet
+    # Top logprobs per prompt token (0: only the prompt token's own); the first prompt token
+    # gets None. Computed by running every prompt position, so no prefix-cache hit.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     # Where the prompt was cut into output text: the first characters of the output
@@ -62,7 +64,15 @@ class SamplingParams:
                 or not math.isfinite(value)
             ):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("n", "top_k", "min_tokens", "max_tokens", "seed", "logprobs"):
+        for name in (
+            "n",
+            "top_k",
+            "min_tokens",
+            "max_tokens",
+            "seed",
+            "logprobs",
+            "prompt_logprobs",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -100,6 +110,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs!r}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
 

@@ -91,10 +91,17 @@ class Scheduler:
         self._finished_ids.append(request.request_id)
 
     def _sibling_gated(self, request: Request) -> bool:
-        if not self.kv.enable_caching or request.sample_index == 0:
+        """Samples 1.. of a request wait for sample 0's prompt: to share its cached blocks,
+        and so that its prompt logprobs (sample 0 computes them) come before any sample's
+        first token."""
+        if request.sample_index == 0:
             return False
         first = self._first_sibling.get(request.parent_id)
-        return first is not None and first.num_computed_tokens < first.num_prompt_tokens
+        if first is None:
+            return False
+        if first.needs_prompt_logprobs:
+            return True
+        return self.kv.enable_caching and first.num_computed_tokens < first.num_prompt_tokens
 
     # ---- preemption ------------------------------------------------------------------
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:

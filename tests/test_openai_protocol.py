@@ -124,10 +124,13 @@ def test_empty_completion_prompt_list_is_refused():
         CompletionRequest(prompt=[]).prompts()
 
 
-def test_echo_with_logprobs_is_refused():
-    with pytest.raises(ProtocolError) as e:
-        CompletionRequest(prompt="x", echo=True, logprobs=1).to_sampling_params()
-    assert e.value.param == "echo"
+def test_echo_with_logprobs_asks_for_prompt_logprobs():
+    assert (
+        CompletionRequest(prompt="x", echo=True, logprobs=2).to_sampling_params().prompt_logprobs
+        == 2
+    )
+    assert CompletionRequest(prompt="x", logprobs=2).to_sampling_params().prompt_logprobs is None
+    assert CompletionRequest(prompt="x", echo=True).to_sampling_params().prompt_logprobs is None
 
 
 def test_tokenize_needs_exactly_one_input():
@@ -230,11 +233,17 @@ class FakeReplica:
                         ("length" if n_tok < len(REPLY_IDS) else "stop") if last else None,
                     )
                 )
+            prompt_lps = None
+            if k == 0 and p.prompt_logprobs is not None:  # like the engine: on sample 0's first
+                prompt_lps = [None] + [
+                    {t: Logprob(-1.5, 4, self.tokenizer.decode([t]))} for t in greq.prompt[1:]
+                ]
             deltas.append(
                 StreamDelta(
                     samples=samples,
                     finished=k == n_tok - 1,
                     num_prompt_tokens=len(greq.prompt) if k == 0 else None,
+                    prompt_logprobs=prompt_lps,
                 )
             )
         s = FakeStream(deltas)
@@ -371,6 +380,46 @@ def test_completion_n_2_logprobs_and_echo(tokenizer):
     assert resp.usage.completion_tokens == 6
     echo = openai.types.Completion.model_validate(b.json())
     assert echo.choices[0].text.startswith("Q:")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_echo_with_logprobs_starts_with_the_prompt(tokenizer, stream):
+    """OpenAI's legacy shape: the prompt's tokens first (the first with null logprob and
+    null top_logprobs), then the generated ones, text offsets running through both."""
+    prompt = "Q: why?"
+    ids = tokenizer.encode(prompt)
+
+    async def fn(c, rep, ing):
+        body = {"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 2}
+        return await c.post("/v1/completions", json=body | {"stream": stream, "n": 2})
+
+    r = run_app(tokenizer, fn)
+    assert r.status_code == 200, r.text
+    # Raw JSON: the SDK's pydantic types have no null inside token_logprobs (its client
+    # builds responses without validating, as the live test in test_serve_openai shows).
+    if stream:
+        by_choice: dict[int, dict[str, list]] = {}
+        for ch in sse_events(r.text)[:-1]:
+            for choice in ch["choices"]:
+                acc = by_choice.setdefault(choice["index"], {"tokens": [], "lps": [], "off": []})
+                if choice["logprobs"] is not None:
+                    acc["tokens"] += choice["logprobs"]["tokens"]
+                    acc["lps"] += choice["logprobs"]["token_logprobs"]
+                    acc["off"] += choice["logprobs"]["text_offset"]
+        got = [by_choice[0], by_choice[1]]
+    else:
+        resp = r.json()
+        got = [
+            {"tokens": ch["logprobs"]["tokens"], "lps": ch["logprobs"]["token_logprobs"],
+             "off": ch["logprobs"]["text_offset"]}
+            for ch in resp["choices"]
+        ]  # fmt: skip
+        assert resp["choices"][0]["text"].startswith(prompt)
+    for g in got:  # both choices of n=2 carry the prompt
+        assert len(g["tokens"]) == len(ids) + 2
+        assert g["lps"][0] is None and g["lps"][1 : len(ids)] == [-1.5] * (len(ids) - 1)
+        assert g["lps"][len(ids) :] == [-0.25, -0.25]
+        assert g["off"] == sorted(g["off"]) and g["off"][0] == 0
 
 
 def test_completion_batch_prompts_index_choices(tokenizer):

@@ -271,6 +271,31 @@ def test_greedy_http_output_equals_offline_engine(client, model_name, cluster):
     assert http_text.choices[0].text == offline_text.text
 
 
+def test_echo_with_logprobs_gives_the_engines_prompt_logprobs(client, model_name, cluster):
+    """echo + logprobs through HTTP: the prompt's tokens first (the first with a null
+    logprob), their logprobs those of the offline engine (checked against transformers in
+    tests/test_prompt_logprobs.py), then the generated tokens."""
+    from rayfleet.engine import LLM, SamplingParams
+
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    llm = LLM(cluster["model_path"], num_kv_blocks=32, max_model_len=MAX_MODEL_LEN, device="cpu",
+              dtype="float32")  # fmt: skip
+    offline = llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=2))
+    plps, ids = offline[0].prompt_logprobs, offline[0].prompt_token_ids
+    del llm
+    r = client.completions.create(
+        model=model_name, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 3 == r.usage.prompt_tokens + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for t in range(1, len(ids)):
+        assert lp.token_logprobs[t] == pytest.approx(plps[t][ids[t]].logprob, abs=1e-4)
+        assert len(lp.top_logprobs[t]) == 2
+    assert all(x is not None for x in lp.token_logprobs[len(ids) :])
+
+
 def test_32_concurrent_streams_complete_with_the_right_lengths(cluster, model_name):
     async def one(c: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
         stream = await c.completions.create(

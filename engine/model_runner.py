@@ -106,6 +106,10 @@ def _pack_weights_for_cpu(model: torch.nn.Module, which: str) -> int:
     return added
 
 
+# Prompt positions scored per LM-head call when prompt logprobs are asked for.
+PROMPT_LOGPROBS_ROWS = 256
+
+
 def _token_slice(req: Request, start: int, n: int) -> list[int]:
     """req.all_token_ids[start:start + n] without concatenating the whole list."""
     prompt = req.prompt_token_ids
@@ -344,10 +348,15 @@ class ModelRunner:
         targets = [
             t for req, first, rr in wanted for t in req.prompt_token_ids[first : first + len(rr)]
         ]
-        idx = torch.tensor(rows, dtype=torch.long, device=hidden.device)
-        raw = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
         ks = [req.sampling_params.prompt_logprobs or 0 for req, _, rr in wanted for _ in rr]
-        got = token_logprobs(raw, torch.tensor(targets, device=hidden.device), ks)
+        # In slices of rows: a whole 2048-token chunk's float32 logits over a 128k vocabulary
+        # (and their log-softmax) would be 2 GB at once.
+        got: list[TokenLogprobs] = []
+        for a in range(0, len(rows), PROMPT_LOGPROBS_ROWS):
+            idx = torch.tensor(rows[a : a + PROMPT_LOGPROBS_ROWS], device=hidden.device)
+            raw = torch.log_softmax(self.model.compute_logits(hidden[idx]).float(), dim=-1)
+            tgt = torch.tensor(targets[a : a + PROMPT_LOGPROBS_ROWS], device=hidden.device)
+            got += token_logprobs(raw, tgt, ks[a : a + PROMPT_LOGPROBS_ROWS])
         out, i = {}, 0
         for req, first, rr in wanted:
             out[req.request_id] = (first, got[i : i + len(rr)])

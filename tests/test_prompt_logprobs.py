@@ -121,3 +121,14 @@ def test_prompt_logprobs_and_tokens_unchanged_by_scheduling(hf_reference, condit
 def test_bad_prompt_logprobs_is_rejected(bad):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=bad)
+
+
+def test_prompt_logprobs_in_row_slices_match(hf_reference, monkeypatch):
+    """The LM head runs over prompt rows in slices (bounded memory); slices of 5 rows,
+    crossing chunk and request boundaries, give the same result."""
+    import rayfleet.engine.model_runner as mr
+
+    monkeypatch.setattr(mr, "PROMPT_LOGPROBS_ROWS", 5)
+    outs = run(make_llm(max_num_batched_tokens=24), hf_reference, params())
+    for out, (ids, ref) in zip(outs, hf_reference, strict=True):
+        check(out.prompt_logprobs, ids, ref)

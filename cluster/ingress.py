@@ -67,6 +67,7 @@ STATUS_POLL_INTERVAL_S = 5.0  # plus a fresh look whenever the cached count is 0
 _AUTH_FREE_PATHS = ("/health", "/version", "/docs", "/openapi.json", "/metrics")
 _DONE = b"data: [DONE]\n\n"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+REPLICA_HEADER = "x-rayfleet-replica"  # which replica(s) took the request
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -496,7 +497,8 @@ class Ingress:
                         ) from None
                     raise
                 attempt += 1
-                started = await self.start_many(greqs)
+                # In place: the caller's list (and the replica header) follows the re-issue.
+                started[:] = await self.start_many(greqs)
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -530,9 +532,10 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse_response(
-                self._chat_stream(rid, created, params.n, top, include_usage, started)
+                self._chat_stream(rid, created, params.n, top, include_usage, started), started
             )
-        return await self._chat_full(rid, created, params.n, top, greqs, started)
+        body = await self._chat_full(rid, created, params.n, top, greqs, started)
+        return self._json_response(body, started)
 
     async def completions(self, req: CompletionRequest) -> Any:
         self.check_model(req.model)
@@ -573,11 +576,13 @@ class Ingress:
                     include_usage,
                     started,
                     [g.prompt for g in greqs],
-                )
+                ),
+                started,
             )
-        return await self._completion_full(
+        body = await self._completion_full(
             rid, created, params.n, req.logprobs, echo, greqs, started
         )
+        return self._json_response(body, started)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self._vocab_size]
@@ -587,13 +592,26 @@ class Ingress:
             )
 
     @staticmethod
-    def _sse_response(body: AsyncIterator[bytes]) -> StreamingResponse:
+    def _replica_header(started: list[tuple[StreamDelta, Any]]) -> dict[str, str]:
+        """`x-rayfleet-replica`: the replica(s) that took the request (comma-separated, one
+        per prompt of a batch; after a re-issue, the new one), for tracing a latency to a
+        replica."""
+        ids = [first.replica for first, _ in started if first.replica]
+        return {REPLICA_HEADER: ",".join(dict.fromkeys(ids))} if ids else {}
+
+    def _sse_response(
+        self, body: AsyncIterator[bytes], started: list[tuple[StreamDelta, Any]]
+    ) -> StreamingResponse:
         # No x-request-id here: Serve's proxy sets that header to its own request id (the
         # client's, when it sent one) on every response; a second one would make two. The
         # completion's own id is in every chunk's `id`.
-        return StreamingResponse(
-            body, media_type="text/event-stream", headers={"cache-control": "no-cache"}
-        )
+        headers = {"cache-control": "no-cache"} | self._replica_header(started)
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+    def _json_response(
+        self, body: dict[str, Any], started: list[tuple[StreamDelta, Any]]
+    ) -> JSONResponse:
+        return JSONResponse(body, headers=self._replica_header(started))
 
     # -- chat output --------------------------------------------------------------------------
 

@@ -387,7 +387,8 @@ class CounterReader:
 def request_records(outcomes: Sequence, sessions: Sequence[Session]) -> dict[str, list]:
     """Per request, in workload order: its kind (the skewed workload's hot prefix or not;
     the shared-prefix group), when it was sent (s after the first), TTFT and E2E latency
-    (ms; None when it failed). What a tail figure needs to be explained."""
+    (ms; None when it failed), and the replica that took it (rayfleet's response header).
+    What a tail figure needs to be explained."""
     by_index: dict[int, Any] = {}
     for o in outcomes:
         try:  # the client's request ids end with -<session index>-<turn>
@@ -395,7 +396,9 @@ def request_records(outcomes: Sequence, sessions: Sequence[Session]) -> dict[str
         except (ValueError, IndexError):
             continue
     t0 = min((o.start_time for o in outcomes), default=0.0)
-    out: dict[str, list] = {"hot": [], "group": [], "start_s": [], "ttft_ms": [], "e2el_ms": []}
+    out: dict[str, list] = {
+        "hot": [], "group": [], "start_s": [], "ttft_ms": [], "e2el_ms": [], "replica": [],
+    }  # fmt: skip
     for i, s in enumerate(sessions):
         o = by_index.get(i)
         ok = o is not None and o.success
@@ -404,6 +407,7 @@ def request_records(outcomes: Sequence, sessions: Sequence[Session]) -> dict[str
         out["start_s"].append(round(o.start_time - t0, 3) if o is not None else None)
         out["ttft_ms"].append(round(o.ttft * 1000, 1) if ok else None)
         out["e2el_ms"].append(round(o.latency * 1000, 1) if ok else None)
+        out["replica"].append(o.replica if o is not None else None)
     return out
 
 

@@ -31,6 +31,10 @@ def _http_error_message(status: int, body: str) -> str:
     return f"HTTP {status}: {str(msg)[:300]}"
 
 
+# Which replica rayfleet placed a request on (other servers do not send it).
+REPLICA_HEADER = "x-rayfleet-replica"
+
+
 class StreamingClient:
     """One HTTP session (keep-alive connection pool) shared by all requests of a run."""
 
@@ -152,6 +156,7 @@ class StreamingClient:
         out.start_time = st
         try:
             async with session.post(self.url, data=data, headers=headers) as resp:
+                out.replica = resp.headers.get(REPLICA_HEADER)
                 if resp.status != 200:
                     out.error = _http_error_message(resp.status, await resp.text())
                     out.error_reason = f"HTTP {resp.status}"

@@ -43,6 +43,7 @@ class RequestOutcome:
     generated_text: str = ""
     error: str = ""
     error_reason: str = ""  # short category for the error table ("HTTP 429", "timeout", ...)
+    replica: str | None = None  # rayfleet's x-rayfleet-replica response header, if any
 
     @property
     def num_output_tokens(self) -> int:

@@ -343,8 +343,8 @@ def test_request_records_follow_the_workload_order_and_split_ttft_by_kind():
     ]
     # Completion order differs from the workload's; request 2 failed.
     outs = [
-        RequestOutcome(True, "bench-3-0", start_time=13.0, ttft=0.4, latency=2.0),
-        RequestOutcome(True, "bench-0-0", start_time=10.0, ttft=3.0, latency=5.0),
+        RequestOutcome(True, "bench-3-0", start_time=13.0, ttft=0.4, latency=2.0, replica="r1"),
+        RequestOutcome(True, "bench-0-0", start_time=10.0, ttft=3.0, latency=5.0, replica="r2"),
         RequestOutcome(False, "bench-2-0", start_time=12.0),
         RequestOutcome(True, "bench-1-0", start_time=11.0, ttft=0.2, latency=1.0),
     ]
@@ -352,6 +352,7 @@ def test_request_records_follow_the_workload_order_and_split_ttft_by_kind():
     assert rec["hot"] == [False, True, False, True]
     assert rec["start_s"] == [0.0, 1.0, 2.0, 3.0]
     assert rec["ttft_ms"] == [3000.0, 200.0, None, 400.0]
+    assert rec["replica"] == ["r2", None, None, "r1"]
     runs = {
         "kv-aware": {**run(p99_ttft_ms=1.0), "requests": rec},
         "power-of-two": run(p99_ttft_ms=1.0),

@@ -244,6 +244,7 @@ class FakeReplica:
                     finished=k == n_tok - 1,
                     num_prompt_tokens=len(greq.prompt) if k == 0 else None,
                     prompt_logprobs=prompt_lps,
+                    replica="replica-a" if k == 0 else None,
                 )
             )
         s = FakeStream(deltas)
@@ -420,6 +421,20 @@ def test_completion_echo_with_logprobs_starts_with_the_prompt(tokenizer, stream)
         assert g["lps"][0] is None and g["lps"][1 : len(ids)] == [-1.5] * (len(ids) - 1)
         assert g["lps"][len(ids) :] == [-0.25, -0.25]
         assert g["off"] == sorted(g["off"]) and g["off"][0] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_name_the_replica(tokenizer, stream):
+    async def fn(c, rep, ing):
+        body = {"model": MODEL, "max_tokens": 2, "stream": stream}
+        chat = await c.post("/v1/chat/completions", json=body | {"messages": HELLO})
+        cmpl = await c.post("/v1/completions", json=body | {"prompt": ["a", "b"]})
+        return chat, cmpl
+
+    chat, cmpl = run_app(tokenizer, fn)
+    assert chat.status_code == cmpl.status_code == 200
+    # two prompts on the same fake replica: named once
+    assert chat.headers["x-rayfleet-replica"] == cmpl.headers["x-rayfleet-replica"] == "replica-a"
 
 
 def test_completion_batch_prompts_index_choices(tokenizer):

@@ -271,6 +271,23 @@ def test_greedy_http_output_equals_offline_engine(client, model_name, cluster):
     assert http_text.choices[0].text == offline_text.text
 
 
+def test_responses_name_the_replica_through_the_proxy(cluster, model_name):
+    from ray import serve
+
+    status = serve.status().applications[MAIN_APP].deployments["LLMServer"]
+    assert status.status == "HEALTHY"
+    for stream in (False, True):
+        r = httpx.post(
+            cluster["base"] + "/v1/completions",
+            json={"model": model_name, "prompt": "Hi", "max_tokens": 2, "stream": stream},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=60,
+        )
+        assert r.status_code == 200
+        # the replica's Serve id (one replica in this module)
+        assert r.headers["x-rayfleet-replica"] and "," not in r.headers["x-rayfleet-replica"]
+
+
 def test_echo_with_logprobs_gives_the_engines_prompt_logprobs(client, model_name, cluster):
     """echo + logprobs through HTTP: the prompt's tokens first (the first with a null
     logprob), their logprobs those of the offline engine (checked against transformers in

@@ -438,32 +438,26 @@ def run(args) -> int:
     model_path = args.model or default_tokenizer_path()
     tokenizer, vocab = _prompt_source(model_path, args.tokenizer)
     prompts = make_prompts(tokenizer, cfg.num_requests, cfg.input_len, cfg.seed, vocab)
-    t = time.perf_counter()
-    rf = RayfleetSide(
-        args.model,
-        args.dtype,
-        args.device,
-        cfg.batch_size,
-        args.max_num_batched_tokens,
-        args.tokenizer,
-        engine_overrides,
-    )
-    load_rf = time.perf_counter() - t
-    sides: dict[str, GenerateFn] = {"rayfleet": rf.generate}
-    baseline_overrides = None
-    if args.baseline_set:
-        baseline_overrides = {**engine_overrides}
-        baseline_overrides.update({k: yaml.safe_load(v) for k, v in args.baseline_set})
-        base = RayfleetSide(
+
+    def rayfleet_side(overrides: dict) -> RayfleetSide:
+        return RayfleetSide(
             args.model,
             args.dtype,
             args.device,
             cfg.batch_size,
             args.max_num_batched_tokens,
             args.tokenizer,
-            baseline_overrides,
+            overrides,
         )
-        sides["baseline"] = base.generate
+
+    t = time.perf_counter()
+    rf = rayfleet_side(engine_overrides)
+    load_rf = time.perf_counter() - t
+    sides: dict[str, GenerateFn] = {"rayfleet": rf.generate}
+    baseline_overrides = None
+    if args.baseline_set:
+        baseline_overrides = engine_overrides | {k: yaml.safe_load(v) for k, v in args.baseline_set}
+        sides["baseline"] = rayfleet_side(baseline_overrides).generate
     load_hf = None
     if not args.skip_hf:
         t = time.perf_counter()

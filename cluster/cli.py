@@ -151,6 +151,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
+    from . import direct_ingress
+
+    s = cfg.server
+    # On a cluster started here, the ingress serves HTTP on `server.port` itself; Serve's
+    # proxy listens elsewhere. Serve reads these settings when its processes start.
+    di = direct_ingress.DirectIngressPlan(False, s.port, s.port, {})
+    if local:
+        try:
+            di = direct_ingress.plan(
+                s.port, s.proxy_port or direct_ingress.free_port(s.host), s.num_ingress_replicas
+            )
+        except ValueError as e:
+            print(f"rayfleet serve: server.proxy_port: {e}", file=sys.stderr)
+            return 2
+        di.apply()
+
     import ray
     from ray import serve
 
@@ -178,10 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         started = True
         signal.signal(signal.SIGTERM, _stop)  # ray.init installed its own (a bare exit)
         signal.signal(signal.SIGINT, _stop)
-        s = cfg.server
         # A local cluster gets rayfleet's request-path settings for Serve's proxy too.
         serve.start(
-            http_options={"host": s.host, "port": s.port},
+            http_options={"host": s.host, "port": di.proxy_port if local else s.port},
             **(serve_start_options() if local else {}),
         )
         print(f"rayfleet: deploying {cfg.served_model_name!r} ...")
@@ -193,12 +208,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         deployed = True
         host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-        base = f"http://{host}:{s.port}{s.route_prefix.rstrip('/')}"
-        _wait_healthy(base + "/health", 60)
+        proxy = f"http://{host}:{di.proxy_port}{s.route_prefix.rstrip('/')}"
+        _wait_healthy(proxy + "/health", 60)
+        base = di.enabled and direct_ingress.direct_url(cfg.app_name, host, s.route_prefix)
+        base = base or proxy
         dashboard = getattr(ctx, "dashboard_url", None)
         print()
         print(f"  model          {cfg.served_model_name}")
         print(f"  base URL       {base}/v1")
+        if base != proxy:
+            print(f"  Serve proxy    {proxy}/v1  (the same app, one hop more)")
         print(f"  dashboard      {'http://' + dashboard if dashboard else '(disabled)'}")
         print(f"  metrics        {_metrics_url(ray) or '(unknown)'}")
         if made_token:

@@ -171,8 +171,21 @@ class ReplicaSection(_Strict):
 class ServerSection(_Strict):
     """The HTTP side: where it listens, who may call it, how much it accepts."""
 
-    host: str = Field("127.0.0.1", description="Serve's HTTP proxy host (0.0.0.0: all interfaces)")
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="HTTP host (0.0.0.0: all interfaces)")
+    port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="where clients connect: on a cluster `rayfleet serve` starts, the ingress "
+        "replica's own HTTP port (direct ingress, `rayfleet.cluster.direct_ingress`), else "
+        "Serve's HTTP proxy",
+    )
+    proxy_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve's HTTP proxy when the ingress serves `port` itself (0: a free port)",
+    )
     route_prefix: str = Field("/", pattern=r"^/")
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="accepted `Authorization: Bearer` keys; empty: open"

@@ -20,8 +20,11 @@ threads 0.9 -> 0.6).
   hands it to Serve's controller and so to the proxies it starts. A cluster started
   elsewhere (KubeRay) takes it as environment variables of its Ray containers.
 
-Not used: the rest of `RAY_SERVE_THROUGHPUT_OPTIMIZED` (direct ingress moves HTTP to
-per-replica ports; the request-log buffer would hold back the per-request log lines), and
+Direct ingress (the ingress replica serving HTTP itself, with no proxy hop) is set up by
+`direct_ingress.py` on a cluster `rayfleet serve` starts: it moves HTTP to per-replica
+ports, so it is a choice of topology, not a per-process setting. Not used: the rest of
+`RAY_SERVE_THROUGHPUT_OPTIMIZED` (the request-log buffer would hold back the per-request log
+lines), and
 `RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0` in the driver (a blocking `.result()` on a handle
 outside an event loop fails there).
 

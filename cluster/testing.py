@@ -30,6 +30,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .direct_ingress import direct_url, free_port
+from .direct_ingress import plan as direct_ingress_plan
+
 CLONE_NEWNET = 0x40000000
 
 
@@ -96,12 +99,6 @@ def isolated_ray_env(home: str, **extra: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class NoPrivateNetwork(OSError):
     """A loopback-only network namespace could not be entered (`local_serve_cluster`,
     `call_in_ray_sandbox`)."""
@@ -144,6 +141,7 @@ def local_serve_cluster(
     metrics_export: bool = False,
     prefix: str = "rf",
     skip: Callable[[str], object] | None = None,
+    direct_ingress: bool = False,
 ) -> Iterator[LocalCluster]:
     """A throwaway local Ray cluster with Serve's HTTP proxy on 127.0.0.1, in a private
     loopback-only network namespace with HOME in a temporary folder; torn down (Serve, Ray,
@@ -152,7 +150,9 @@ def local_serve_cluster(
     Ray's `_temp_dir` is a fresh folder directly under /tmp: its socket paths must stay
     under 107 bytes (pytest's tmp_path is too deep). Where no namespace can be entered,
     `skip(reason)` is called (tests pass `pytest.skip`), else `NoPrivateNetwork` is raised.
-    Deploy applications with `deploy_app`.
+    Deploy applications with `deploy_app`. `direct_ingress`: ingress replicas serve HTTP
+    on their own ports too (as `rayfleet serve` sets it up, `direct_ingress`); `deploy_app`
+    returns an application's own URL, and `base` stays Serve's proxy, which routes them all.
     """
     from rayfleet.engine import default_model_path
 
@@ -170,11 +170,13 @@ def local_serve_cluster(
                 skip(msg)
             raise NoPrivateNetwork(msg) from e
         try:
-            with isolated_ray_env(str(home)):
+            port = free_port()
+            # A range of ports (one per application's ingress), as the tests deploy several.
+            di = direct_ingress_plan(free_port(), port, 16) if direct_ingress else None
+            with isolated_ray_env(str(home), **(di.env if di else {})):
                 import ray
                 from ray import serve
 
-                port = free_port()
                 metrics_port = free_port() if metrics_export else None
                 extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
                 try:  # ray.shutdown() also stops what a failed ray.init started
@@ -254,9 +256,11 @@ def cpu_replicas_config(
 
 def deploy_app(
     config: dict[str, Any], name: str, route_prefix: str = "/", wait: bool = True
-) -> None:
+) -> str | None:
     """Build rayfleet's application from a config tree and run it under `name` (on the
-    cluster `local_serve_cluster` started; waits until it is running unless told not to)."""
+    cluster `local_serve_cluster` started; waits until it is running unless told not to).
+    Returns the application's own base URL where its ingress serves HTTP itself (direct
+    ingress, once running), else None (reach it through Serve's proxy)."""
     from ray import serve
     from ray.serve import RunTarget
     from rayfleet.cluster.app import build_app
@@ -265,6 +269,7 @@ def deploy_app(
         [RunTarget(target=build_app(config), name=name, route_prefix=route_prefix)],
         wait_for_applications_running=wait,
     )
+    return direct_url(name, "127.0.0.1", route_prefix) if wait else None
 
 
 def request_replicas(

@@ -7,16 +7,20 @@ the same engine called directly, on the default model, at concurrency 1 and 16.
 One process holds both: an `AsyncLLMEngine` driven in-process (the floor) and a local Ray
 cluster (inside a loopback-only network namespace when run as root, HOME in a temporary
 folder, nothing left behind) serving `rayfleet.cluster.app` with the same engine config,
-its replica holding all CPUs (the same torch thread count). The two paths take turns, in
-rounds of `concurrency` requests each (which one goes first alternates), on the same
-distinct random token-id prompts (no prefix-cache hits), `ignore_eos`, fixed `max_tokens`,
-greedy. Taking turns matters on a shared machine: both paths see the same background load,
-which would otherwise swamp a millisecond-sized difference. Serve runs with rayfleet's
-request-path settings (`cluster/serve_env.py`, as `rayfleet serve` does);
-`RAYFLEET_SERVE_FAST_PATH=0` measures Serve's defaults instead, and `--compare-defaults`
-measures both in one run: a second copy of the app built with Serve's defaults takes its
-turns too (the proxy, shared, then keeps Serve's defaults for both: its settings are
-cluster-wide), so the two are compared under the same background load.
+its replica holding all CPUs (the same torch thread count). HTTP reaches the app two ways,
+as `rayfleet serve` sets it up: on the ingress replica's own port (direct ingress,
+`cluster/direct_ingress.py`) and through Serve's HTTP proxy (the path under KubeRay's
+defaults). The paths take turns, in rounds of `concurrency` requests each (which one goes
+first rotates), on random token-id prompts of the same length, each path its own (no
+prefix-cache hits: the two HTTP paths share one replica), `ignore_eos`, fixed
+`max_tokens`, greedy. Taking turns matters on a shared machine: every path sees the same
+background load, which would otherwise swamp a millisecond-sized difference. Serve runs with
+rayfleet's request-path settings (`cluster/serve_env.py`, as `rayfleet serve` does);
+`RAYFLEET_SERVE_FAST_PATH=0` measures Serve's defaults instead (proxy only), and
+`--compare-defaults` measures both in one run: a second copy of the app built with Serve's
+defaults takes its turns too (through the proxy, shared, which then keeps Serve's defaults
+for both: its settings are cluster-wide), so the two are compared under the same
+background load.
 
 TTFT: request sent -> first chunk carrying tokens. ITL: gaps between consecutive chunks that
 carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency - TTFT) /
@@ -198,21 +202,29 @@ def engine_ttfts(temp: str) -> dict[str, float]:
     return out
 
 
-SERVING = "HTTP + Ray Serve"
+SERVING = "HTTP, direct ingress"  # what `rayfleet serve` sets up
+SERVING_PROXY = "HTTP + Serve proxy"  # the same app through Serve's proxy (as under KubeRay)
 SERVING_DEFAULTS = "HTTP + Serve defaults"
 
 
 def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
     """Start Ray + Serve with the app; return ([(path label, base URL)], Ray temp folder).
 
-    `--compare-defaults` deploys the same app a second time, built with Serve's defaults
+    As `rayfleet serve` does, the ingress serves HTTP on its own port (`direct_ingress`);
+    the same app is also measured through Serve's proxy. `--compare-defaults` deploys the same app a second time, built with Serve's defaults
     (`RAYFLEET_SERVE_FAST_PATH=0`), under /serve-defaults, and leaves the proxy (shared, its
     settings are cluster-wide) at Serve's defaults too."""
     import ray
     from ray import serve
+    from rayfleet.cluster import direct_ingress
     from rayfleet.cluster.app import build_app
     from rayfleet.cluster.serve_env import FAST_PATH_VAR, serve_start_options
     from rayfleet.cluster.testing import free_port
+
+    port = free_port()
+    di = None if args.compare_defaults else direct_ingress.plan(free_port(), port)
+    if di is not None:
+        di.apply()  # before Ray starts: Serve reads it when its processes start
 
     ncpu = args.num_cpus or os.cpu_count() or 2
     napps = 2 if args.compare_defaults else 1
@@ -227,7 +239,6 @@ def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
         _temp_dir=temp,
         log_to_driver=False,
     )
-    port = free_port()
     # Serve's proxy with the settings `rayfleet serve` gives a local cluster (`serve_env`).
     proxy = {} if args.compare_defaults else serve_start_options()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, **proxy)
@@ -237,7 +248,8 @@ def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
     }
     base = f"http://127.0.0.1:{port}"
     serve.run(build_app(app_cfg), name="rayfleet", route_prefix="/")
-    apps = [(SERVING, base)]
+    own = di is not None and di.enabled and direct_ingress.direct_url("rayfleet", "127.0.0.1", "/")
+    apps = [(SERVING, own), (SERVING_PROXY, base)] if own else [(SERVING_PROXY, base)]
     if args.compare_defaults:
         saved = os.environ.get(FAST_PATH_VAR)
         os.environ[FAST_PATH_VAR] = "0"
@@ -280,6 +292,12 @@ async def paired(engine_cfg: dict, apps, temp: str, levels, args) -> tuple[list,
         direct_rows, serving_rows, pairs = [], [], []
         for conc, n in levels:
             prompts = make_prompts(vocab, n, args.prompt_len, args.seed + conc)
+            # Each HTTP path its own prompts (same lengths): two entry points to one app share
+            # its replica's prefix cache, where the second would hit what the first stored.
+            own = {
+                label: make_prompts(vocab, n, args.prompt_len, args.seed + conc + 1000 * (j + 1))
+                for j, (label, _) in enumerate(apps)
+            }
             res: dict[str | None, list[dict]] = {None: [], **{label: [] for label, _ in apps}}
             wall: dict[str | None, float] = dict.fromkeys(res, 0.0)
             for r, i in enumerate(range(0, n, conc)):
@@ -292,7 +310,8 @@ async def paired(engine_cfg: dict, apps, temp: str, levels, args) -> tuple[list,
                             engine, batch, conc, args.max_tokens, f"c{conc}-{i}"
                         )
                     else:
-                        got = await _http_level(path[1], model, batch, conc, args.max_tokens)
+                        mine = own[path[0]][i : i + conc]
+                        got = await _http_level(path[1], model, mine, conc, args.max_tokens)
                     label = None if path is None else path[0]
                     res[label] += got
                     wall[label] += time.perf_counter() - t0

@@ -8,8 +8,11 @@ A trivial app with rayfleet's topology and Serve settings (`cluster/serve_env.py
 call to a second deployment whose generator yields one item, and answers with it as a
 server-sent event; `/direct` answers the same event from the ingress alone. No model, no
 validation, no tokens. Time to the first response chunk, measured by an HTTP client over
-loopback, the two routes taking turns. `/hop` is the floor of rayfleet's TTFT overhead
-(client -> proxy -> ingress -> replica -> back); `/direct` is the proxy and ingress alone.
+loopback, the routes taking turns, each through two entry points: Serve's proxy, and the
+ingress replica's own HTTP port (direct ingress, as `rayfleet serve` sets it up:
+`cluster/direct_ingress.py`). `ingress /hop` is the floor of rayfleet's TTFT overhead
+(client -> ingress -> replica -> back); `proxy /hop` adds the proxy's hop (the path under
+KubeRay's defaults); `/direct` is the entry point and the ingress alone.
 Runs Ray in a loopback-only network namespace when it can (root), HOME in a temporary
 folder. Prints a table and writes JSON (`--result-dir`).
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROUTES = ("/direct", "/hop")
+ENTRIES = ("proxy", "ingress")
 
 
 def build_floor_app():
@@ -73,24 +77,27 @@ def build_floor_app():
     return FloorIngress.bind(FloorReplica.bind())
 
 
-def measure(base: str, requests: int, warmup: int = 10) -> dict[str, list[float]]:
-    """First-chunk times (ms) per route; the routes alternate which goes first."""
+def measure(bases: dict[str, str], requests: int, warmup: int = 10) -> dict[str, list[float]]:
+    """First-chunk times (ms) per "entry route" (`bases`: entry point -> base URL); the
+    targets take turns, which one goes first rotating."""
     import httpx
 
-    out: dict[str, list[float]] = {r: [] for r in ROUTES}
+    targets = [(f"{e} {r}", base + r) for e, base in bases.items() for r in ROUTES]
+    out: dict[str, list[float]] = {name: [] for name, _ in targets}
     with httpx.Client(timeout=30) as c:
-        for r in ROUTES:
+        for _, url in targets:
             for _ in range(warmup):
-                c.post(base + r)
+                c.post(url)
         for i in range(requests):
-            for route in ROUTES if i % 2 else ROUTES[::-1]:
+            k = i % len(targets)
+            for name, url in targets[k:] + targets[:k]:
                 t0 = time.perf_counter()
-                with c.stream("POST", base + route) as resp:
+                with c.stream("POST", url) as resp:
                     chunks = resp.iter_bytes()
                     for chunk in chunks:
                         if chunk:
                             break
-                    out[route].append((time.perf_counter() - t0) * 1e3)
+                    out[name].append((time.perf_counter() - t0) * 1e3)
                     for _ in chunks:
                         pass
     return out
@@ -99,28 +106,35 @@ def measure(base: str, requests: int, warmup: int = 10) -> dict[str, list[float]
 def _run(args) -> dict[str, list[float]]:
     import ray
     from ray import serve
+    from rayfleet.cluster import direct_ingress
     from rayfleet.cluster.serve_env import serve_start_options
     from rayfleet.cluster.testing import free_port
 
+    port = free_port()
+    di = direct_ingress.plan(free_port(), port)
     temp = tempfile.mkdtemp(prefix="rff-", dir="/tmp")  # AF_UNIX path length limit
-    ray.init(
-        num_cpus=os.cpu_count() or 2,
-        include_dashboard=False,
-        object_store_memory=1 << 28,
-        _temp_dir=temp,
-        log_to_driver=False,
-    )
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_start_options())
-        serve.run(build_floor_app(), name="floor", route_prefix="/")
-        return measure(f"http://127.0.0.1:{port}", args.requests)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        import shutil
+    with di.applied():  # before Ray starts; undone after (tests run this in-process)
+        ray.init(
+            num_cpus=os.cpu_count() or 2,
+            include_dashboard=False,
+            object_store_memory=1 << 28,
+            _temp_dir=temp,
+            log_to_driver=False,
+        )
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, **serve_start_options())
+            serve.run(build_floor_app(), name="floor", route_prefix="/")
+            bases = {"proxy": f"http://127.0.0.1:{port}"}
+            own = di.enabled and direct_ingress.direct_url("floor", "127.0.0.1", "/")
+            if own:
+                bases["ingress"] = own
+            return measure(bases, args.requests)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            import shutil
 
-        shutil.rmtree(temp, ignore_errors=True)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -162,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"serve_floor: {e}; use --no-netns", file=sys.stderr)
             return 2
     rows = summarize(times)
-    print(f"{'route':<10}{'n':>5}{'first chunk p50 (ms)':>24}{'p90 (ms)':>12}")
+    print(f"{'route':<16}{'n':>5}{'first chunk p50 (ms)':>24}{'p90 (ms)':>12}")
     for r in rows:
         print(
-            f"{r['route']:<10}{r['n']:>5}{r['first_chunk_p50_ms']:>24.2f}"
+            f"{r['route']:<16}{r['n']:>5}{r['first_chunk_p50_ms']:>24.2f}"
             f"{r['first_chunk_p90_ms']:>12.2f}"
         )
     out = {

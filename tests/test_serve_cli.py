@@ -94,6 +94,15 @@ def test_rayfleet_serve_serves_the_default_model_and_stops_cleanly_on_ctrl_c(tmp
                 metrics = re.search(r"metrics\s+(http\S+)", out).group(1)
                 token = re.search(r"Ray auth token\s+([0-9a-f]{64})", out).group(1)
                 assert base == f"http://127.0.0.1:{port}/v1"
+                # The ingress serves `port` itself (direct ingress); Serve's proxy, on
+                # another port, reaches the same app.
+                proxy = re.search(r"Serve proxy\s+(http\S+)", out).group(1)
+                assert proxy != base
+                for url in (base, proxy):
+                    assert (
+                        httpx.get(url.removesuffix("/v1") + "/health", timeout=10).status_code
+                        == 200
+                    )
 
                 c = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
                 assert c.models.list().data[0].id == "SmolLM2-135M-Instruct"

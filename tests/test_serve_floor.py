@@ -22,12 +22,17 @@ def test_summarize_takes_medians_and_p90_per_route():
 
 
 @pytest.mark.ray
-def test_a_short_live_run_times_both_routes(tmp_path):
+def test_a_short_live_run_times_both_routes_through_both_entry_points(tmp_path):
     rc = serve_floor.main(
         ["--requests", "3", "--result-dir", str(tmp_path), "--output", "floor.json"]
     )
     assert rc == 0
     doc = json.loads((tmp_path / "floor.json").read_text())
-    assert [r["route"] for r in doc["results"]] == ["/direct", "/hop"]
+    assert [r["route"] for r in doc["results"]] == [
+        "proxy /direct",
+        "proxy /hop",
+        "ingress /direct",
+        "ingress /hop",
+    ]
     for r in doc["results"]:
         assert r["n"] == 3 and 0 < r["first_chunk_p50_ms"] < 10_000

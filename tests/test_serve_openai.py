@@ -28,8 +28,12 @@ MAIN_APP = "rayfleet"
 def cluster():
     from rayfleet.cluster.testing import deploy_app, local_serve_cluster
 
-    with local_serve_cluster(metrics_export=True, prefix="rfoai", skip=pytest.skip) as c:
-        deploy_app(
+    # The main app is called on its ingress replica's own port (direct ingress, as `rayfleet
+    # serve` sets it up); the side apps through Serve's proxy (as under KubeRay).
+    with local_serve_cluster(
+        metrics_export=True, prefix="rfoai", skip=pytest.skip, direct_ingress=True
+    ) as c:
+        base = deploy_app(
             {
                 "model": {"path": c.model_path},
                 "engine": {
@@ -44,8 +48,10 @@ def cluster():
             },
             MAIN_APP,
         )
+        assert base is not None and base != c.base
         yield {
-            "base": c.base,
+            "base": base,
+            "proxy": c.base,
             "model_path": c.model_path,
             "metrics": c.metrics,
             "temp_dir": c.temp_dir,
@@ -483,7 +489,7 @@ def _deploy_side_app(name: str, prefix: str, replica: dict, cluster, wait: bool 
         "replica": replica,
     }
     deploy_app(config, name, route_prefix=prefix, wait=wait)
-    return cluster["base"] + prefix
+    return cluster["proxy"] + prefix
 
 
 def _wait_for_status(url: str, status: int, timeout_s: float = 60) -> httpx.Response:

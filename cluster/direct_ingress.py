@@ -25,9 +25,8 @@ import contextlib
 import dataclasses
 import os
 import socket
-from collections.abc import Iterator
 
-from .serve_env import fast_path_enabled
+from .serve_env import environ, fast_path_enabled
 
 ENABLE_VAR = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 MIN_PORT_VAR = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
@@ -55,18 +54,9 @@ class DirectIngressPlan:
         for k, v in self.env.items():
             os.environ.setdefault(k, v)
 
-    @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        saved = {k: os.environ.get(k) for k in self.env}
-        self.apply()
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    def applied(self) -> contextlib.AbstractContextManager[None]:
+        """`apply` for a block only (tests and benchmarks that run in one process)."""
+        return environ(self.env, keep_set=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -35,7 +35,9 @@ version misbehaves). No ray import here.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 FAST_PATH_VAR = "RAYFLEET_SERVE_FAST_PATH"
@@ -85,10 +87,29 @@ def handle_by_reference() -> bool:
     return os.environ.get(HANDLE_GRPC_VAR) != "1"
 
 
+@contextlib.contextmanager
+def environ(values: dict[str, str], keep_set: bool = False) -> Iterator[None]:
+    """`values` in os.environ for the block, as it was after it (Ray passes the driver's
+    environment on to a cluster it starts). `keep_set`: a variable already set wins."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if not (keep_set and saved[k] is not None):
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 __all__ = [
     "FAST_PATH_VAR",
     "PROXY_ENV",
     "REPLICA_ENV",
+    "environ",
     "fast_path_enabled",
     "handle_by_reference",
     "serve_start_options",

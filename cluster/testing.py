@@ -32,6 +32,7 @@ from typing import Any
 
 from .direct_ingress import direct_url, free_port
 from .direct_ingress import plan as direct_ingress_plan
+from .serve_env import environ
 
 CLONE_NEWNET = 0x40000000
 
@@ -87,16 +88,8 @@ def isolated_ray_env(home: str, **extra: str) -> Iterator[None]:
         "RAYFLEET_CACHE_DIR": os.path.dirname(model_dir),
         **extra,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class NoPrivateNetwork(OSError):

@@ -53,3 +53,15 @@ def test_the_ingress_streams_over_grpc_only_where_the_app_said_so(monkeypatch):
     assert serve_env.handle_by_reference()
     monkeypatch.setenv(serve_env.HANDLE_GRPC_VAR, "1")
     assert not serve_env.handle_by_reference()
+
+
+def test_environ_sets_for_the_block_and_restores(monkeypatch):
+    import os
+
+    monkeypatch.setenv("RF_TEST_A", "old")
+    monkeypatch.delenv("RF_TEST_B", raising=False)
+    with serve_env.environ({"RF_TEST_A": "new", "RF_TEST_B": "b"}):
+        assert (os.environ["RF_TEST_A"], os.environ["RF_TEST_B"]) == ("new", "b")
+    assert os.environ["RF_TEST_A"] == "old" and "RF_TEST_B" not in os.environ
+    with serve_env.environ({"RF_TEST_A": "new"}, keep_set=True):
+        assert os.environ["RF_TEST_A"] == "old"

@@ -20,8 +20,11 @@ the routers other than routing stats):
   view of that replica meanwhile (the one lag by design: at most `snapshot_every` reports).
 - Between reports, the policy's pending-placement overlay counts a prompt as cached on the
   replica it was just sent to, and `ReplicaLoad.inflight` counts requests this router sent
-  since that replica's last report (each report resets them; completions since the last
-  report are subtracted from its running count).
+  that the replica's last report does not cover (completions since the last report are
+  subtracted from its running count). A report says when it was made (`at`, wall clock) and
+  counts every request that had reached the engine by then, including those the engine's
+  last step has not seen yet (`AsyncLLMEngine.load_snapshot`); a reservation ends with the
+  first report made more than `REPORT_TRANSIT_S` after it was placed.
 
 The request's prompt facts come from the ingress as a `RouteHint` on the request
 (`GenerateRequest.route`, which the replica ignores): chained block hashes of the whole
@@ -157,17 +160,24 @@ class RoutingStatsReporter:
         return self.engine.kv_snapshot()
 
     def report(self) -> dict[str, Any]:
-        stats = self.engine.get_stats()
+        # `at` first: every request that reached the engine before it is counted below
+        # (in the stats, or as not yet counted by them), so a router can tell which of its
+        # placements this report covers (`KVRouterCore.update`).
+        at = time.time()
+        snap = getattr(self.engine, "load_snapshot", None)
+        stats, uncounted, uncounted_tokens = snap() if snap else (self.engine.get_stats(), 0, 0)
         self._num_reports += 1
         out = {
             "report": self._num_reports,
+            "at": at,
             "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting + stats.num_swapped,
+            "num_waiting": stats.num_waiting + stats.num_swapped + uncounted,
             "num_free_blocks": stats.num_free_blocks,
             "num_total_blocks": stats.num_total_blocks,
             "block_size": stats.block_size,
             "max_num_seqs": self.max_num_seqs,
-            "queued_prefill_tokens": int(getattr(stats, "queued_prefill_tokens", 0)),
+            "queued_prefill_tokens": int(getattr(stats, "queued_prefill_tokens", 0))
+            + uncounted_tokens,
             "prefix_cache_queries": stats.prefix_cache_queries,
             "prefix_cache_hits": stats.prefix_cache_hits,
             "model_name": str(getattr(self.engine, "model_name", "") or ""),
@@ -210,8 +220,17 @@ class _Replica:
 class _Reservation:
     replica_id: str
     num_prompt_tokens: int
-    placed_at: float
+    placed_at: float  # router clock
     num_prefill_tokens: int = 0  # less the leading blocks the index said the replica caches
+    placed_wall: float = 0.0  # wall clock, to compare with a report's `at`
+
+
+# A request placed this long before a replica made its report may still have been on its way
+# there (the handle hop takes ~3 ms on an idle 2-core box, more under load): its reservation
+# outlives the report, counted twice until the next one rather than not at all. Without it a
+# burst placed while a report was in flight looked like an idle replica, and a hot prefix
+# piled onto one replica.
+REPORT_TRANSIT_S = 0.05
 
 
 class KVRouterCore:
@@ -220,9 +239,15 @@ class KVRouterCore:
     Replica ids are `ReplicaID.unique_id` strings. Not thread-safe (one event loop).
     """
 
-    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.wall_clock = wall_clock
         self.policy: RoutingPolicy = build_policy(config, clock=clock)
         self.index = getattr(self.policy, "index", None)
         self.exact = isinstance(self.index, PrefixIndex)
@@ -280,11 +305,17 @@ class KVRouterCore:
             queued_prefill_tokens=int(stats.get("queued_prefill_tokens", 0)),
             block_size=int(stats.get("block_size", 16)),
         )
-        # The report covers what this router sent before it: drop those reservations.
+        # Drop the reservations the report covers: those placed before the replica made it
+        # (less the transit), or, from a replica that does not say when, before it arrived.
+        at = stats.get("at")
+        if at is not None:
+            cutoff, when = float(at) - REPORT_TRANSIT_S, "placed_wall"
+        else:
+            cutoff, when = rep.stats_at, "placed_at"
         for key in [
             k
             for k, r in self._reservations.items()
-            if r.replica_id == rid and r.placed_at <= rep.stats_at
+            if r.replica_id == rid and getattr(r, when) <= cutoff
         ]:
             del self._reservations[key]
         self._recount(rid)
@@ -350,7 +381,9 @@ class KVRouterCore:
         else:
             return None
         self.policy.on_placed(rid, hint.block_hashes)
-        self._reservations[request_id] = _Reservation(rid, n, self.clock(), n - cached_tokens)
+        self._reservations[request_id] = _Reservation(
+            rid, n, self.clock(), n - cached_tokens, self.wall_clock()
+        )
         self._recount(rid)
         return rid
 

@@ -53,7 +53,13 @@ class AsyncLLMEngine:
         self._engine_lock = threading.Lock()
         self._stopped = False
         self._error: BaseException | None = None
-        self._stats = engine.get_stats()
+        # Requests (and their prompt tokens) handed to the engine thread, and the part of them
+        # it had applied when it took the stats snapshot: the difference is what the stats do
+        # not count yet (`load_snapshot`). Each counter has one writer; a pair is one object.
+        self._sent_lock = threading.Lock()
+        self._sent = (0, 0)
+        self._applied = (0, 0)  # the engine thread's
+        self._snap: tuple[EngineStats, tuple[int, int]] = (engine.get_stats(), (0, 0))
         self._thread = threading.Thread(target=self._loop, name="rayfleet-engine", daemon=True)
         self._thread.start()
 
@@ -87,7 +93,20 @@ class AsyncLLMEngine:
 
     def get_stats(self) -> EngineStats:
         """Counters as of the end of the last step (read without stopping the loop)."""
-        return self._stats
+        return self._snap[0]
+
+    def load_snapshot(self) -> tuple[EngineStats, int, int]:
+        """`get_stats()`, plus the requests handed to `generate` that it does not count yet
+        (queued for the engine thread, or added after its last step ended) and their prompt
+        tokens. Every request whose `generate` started before this call is in one of the
+        two: what the request router needs to know what a report covers."""
+        stats, (n_applied, t_applied) = self._snap
+        with self._sent_lock:
+            n_sent, t_sent = self._sent
+        return stats, max(0, n_sent - n_applied), max(0, t_sent - t_applied)
+
+    def _take_snapshot(self) -> None:
+        self._snap = (self.engine.get_stats(), self._applied)
 
     def take_kv_events(self, after_seq: int = -1) -> list[KVEventBatch]:
         """KV event batches numbered above `after_seq`, read between two engine steps."""
@@ -118,7 +137,9 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
-        self._ops.put(("add", prepared))
+        with self._sent_lock:
+            self._sent = (self._sent[0] + 1, self._sent[1] + len(prepared.prompt_token_ids))
+            self._ops.put(("add", prepared))
         self._wake.set()
         finished = False
         try:
@@ -182,6 +203,8 @@ class AsyncLLMEngine:
                 return
             if op == "add":
                 prepared: PreparedRequest = arg
+                n, t = self._applied
+                self._applied = (n + 1, t + len(prepared.prompt_token_ids))
                 try:
                     self.engine.add_prepared(prepared)
                 except ValueError as e:
@@ -195,7 +218,7 @@ class AsyncLLMEngine:
                 self._apply_ops()
                 busy = self.engine.has_unfinished_requests()
             if not busy:
-                self._stats = self.engine.get_stats()
+                self._take_snapshot()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -207,7 +230,7 @@ class AsyncLLMEngine:
                 with self._engine_lock:
                     self._fail_all(e)
                 continue
-            self._stats = self.engine.get_stats()
+            self._take_snapshot()
             self._deliver_many([(d.request_id, d) for d in deltas])
         # Shutdown: end every open stream.
         self._fail_all(EngineDeadError("engine shut down"))

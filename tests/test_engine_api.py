@@ -229,3 +229,34 @@ def test_async_engine_delivers_each_stream_its_own_tokens_across_event_loops(llm
     other.join(60)
     engine.shutdown_sync()
     assert {i: got[i] for i in range(6)} == {i: list(w) for i, w in enumerate(want)}
+
+
+def test_load_snapshot_counts_requests_the_engine_thread_has_not_seen_yet():
+    """A request handed to `generate` is counted at once: as not yet in the stats while the
+    engine thread has not applied it (held off here by taking its lock), in the stats after
+    its step. The request router relies on it to know what a replica's report covers."""
+    engine = AsyncLLMEngine.from_config(
+        EngineConfig(model=default_model_path(), dtype="float32", device="cpu", num_kv_blocks=128)
+    )
+
+    async def main():
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        stats, n, tokens = engine.load_snapshot()
+        assert (stats.num_running + stats.num_waiting, n, tokens) == (0, 0, 0)
+        prompts = {"a": list(range(100, 120)), "b": list(range(200, 230))}
+
+        async def run(rid):
+            async for _ in engine.generate({"prompt_token_ids": prompts[rid]}, params, rid):
+                pass
+
+        with engine._engine_lock:  # the engine thread cannot apply ops or step
+            tasks = [asyncio.create_task(run(r)) for r in prompts]
+            await asyncio.sleep(0.2)
+            stats, n, tokens = engine.load_snapshot()
+            assert (stats.num_running + stats.num_waiting, n, tokens) == (0, 2, 50)
+        await asyncio.gather(*tasks)
+        stats, n, tokens = engine.load_snapshot()
+        assert (stats.num_running + stats.num_waiting, n, tokens) == (0, 0, 0)
+        await engine.shutdown()
+
+    asyncio.run(main())

@@ -448,3 +448,47 @@ def test_the_router_serve_unpickles_in_another_process_still_reads_the_ingress_h
         assert hint_of(pending(HINT)) == HINT
 
     asyncio.run(main())
+
+
+def test_a_reservation_outlives_a_report_made_before_the_request_could_arrive():
+    """A report covers the placements made more than REPORT_TRANSIT_S before the replica
+    made it (its `at`); a newer placement stays counted. Without that, a burst placed while
+    a report was on its way looked like an idle replica (the hot prefix piled onto it)."""
+    from rayfleet.cluster.kv_router import REPORT_TRANSIT_S
+    from rayfleet.cluster.testing import routing_report
+
+    wall = [1000.0]
+    core = KVRouterCore(RouterConfig(seed=0), wall_clock=lambda: wall[0])
+    core.update("a", routing_report(1, at=990.0), None)
+    rid = core.place(["a"], RouteHint((), 32), "r1")
+    inflight = lambda: core.loads(["a"])[0].inflight  # noqa: E731
+
+    assert inflight() == 1
+    core.update("a", routing_report(2, at=999.0), None)  # made before the placement
+    assert inflight() == 1
+    core.update("a", routing_report(3, at=1000.0 + REPORT_TRANSIT_S / 2), None)  # in transit
+    assert inflight() == 1
+    core.update("a", routing_report(4, at=1000.0 + REPORT_TRANSIT_S * 2), None)
+    assert rid == "a" and inflight() == 0
+
+    # A replica whose reports carry no `at`: the first report to arrive covers it.
+    core.place(["a"], RouteHint((), 32), "r2")
+    assert inflight() == 1
+    core.update("a", routing_report(5), None)
+    assert inflight() == 0
+
+
+def test_the_replicas_report_says_when_and_counts_what_its_stats_do_not_yet():
+    class Engine:
+        def load_snapshot(self):
+            return SimpleNamespace(
+                num_running=1, num_waiting=2, num_swapped=0, num_free_blocks=10,
+                num_total_blocks=20, block_size=16, queued_prefill_tokens=40,
+                prefix_cache_queries=0, prefix_cache_hits=0,
+            ), 3, 96  # fmt: skip
+
+    before = time.time()
+    report = RoutingStatsReporter(Engine(), 8, kv=False).report()
+    assert before <= report["at"] <= time.time()
+    assert (report["num_running"], report["num_waiting"]) == (1, 5)
+    assert report["queued_prefill_tokens"] == 136

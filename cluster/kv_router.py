@@ -308,15 +308,12 @@ class KVRouterCore:
         # Drop the reservations the report covers: those placed before the replica made it
         # (less the transit), or, from a replica that does not say when, before it arrived.
         at = stats.get("at")
-        if at is not None:
-            cutoff, when = float(at) - REPORT_TRANSIT_S, "placed_wall"
-        else:
-            cutoff, when = rep.stats_at, "placed_at"
-        for key in [
-            k
-            for k, r in self._reservations.items()
-            if r.replica_id == rid and getattr(r, when) <= cutoff
-        ]:
+        made = None if at is None else float(at) - REPORT_TRANSIT_S
+
+        def covered(r: _Reservation) -> bool:
+            return r.placed_at <= rep.stats_at if made is None else r.placed_wall <= made
+
+        for key in [k for k, r in self._reservations.items() if r.replica_id == rid and covered(r)]:
             del self._reservations[key]
         self._recount(rid)
         if self.exact:

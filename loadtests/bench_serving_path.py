@@ -211,9 +211,10 @@ def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
     """Start Ray + Serve with the app; return ([(path label, base URL)], Ray temp folder).
 
     As `rayfleet serve` does, the ingress serves HTTP on its own port (`direct_ingress`);
-    the same app is also measured through Serve's proxy. `--compare-defaults` deploys the same app a second time, built with Serve's defaults
-    (`RAYFLEET_SERVE_FAST_PATH=0`), under /serve-defaults, and leaves the proxy (shared, its
-    settings are cluster-wide) at Serve's defaults too."""
+    the same app is also measured through Serve's proxy. `--compare-defaults` deploys the
+    same app a second time, built with Serve's defaults (`RAYFLEET_SERVE_FAST_PATH=0`), under
+    /serve-defaults, and leaves the proxy (shared, its settings are cluster-wide) at Serve's
+    defaults too (and no direct ingress)."""
     import ray
     from ray import serve
     from rayfleet.cluster import direct_ingress

@@ -54,9 +54,14 @@ def _cpu_flags() -> str:
 def _vector_isa_flags(cpu_flags: str) -> list[str]:
     """ATen's `Vectorized` picks its width from CPU_CAPABILITY_* macros, which PyTorch's own
     build sets per kernel file; an extension must set them itself. AVX-512 as ATen needs it
-    (F, BW, VL, DQ), else AVX2 with FMA, else ATen's portable fallback."""
+    (F, BW, VL, DQ), else AVX2 with FMA, else ATen's portable fallback (which torch 2.13's
+    headers fail to compile for float reductions: such a machine gets the PyTorch
+    reference kernels). ATen's own switch `ATEN_CPU_CAPABILITY=avx2` caps the width at
+    AVX2, as it does for PyTorch's kernels, so that path can be built and tested on an
+    AVX-512 machine."""
     flags = set(cpu_flags.split())
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+    avx2_cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() == "avx2"
+    if not avx2_cap and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if {"avx2", "fma"} <= flags:
         return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +263,67 @@ def _check_strided_long_context_decode(dtype):
         torch.testing.assert_close(out, exp, atol=2e-5, rtol=1e-4)
     else:
         torch.testing.assert_close(out.float(), exp.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("block_size", [1, 5, 16, 32])
+@pytest.mark.parametrize(
+    "d,hkv,group", [(64, 3, 3), (64, 1, 7), (128, 2, 4), (64, 2, 8), (64, 1, 9), (48, 2, 2)]
+)
+def test_cpu_decode_kernel_head_shapes_match_reference(
+    monkeypatch, d, hkv, group, block_size, threads
+):
+    """The kernel's float32 fast path (head dim 64 or 128, GQA group 1-8: scores of a chunk of
+    tokens summed in one transpose, value sums kept in registers) and its generic path (group
+    9, head dim 48), over contexts shorter than, equal to and longer than a vector's width
+    and a block. Rows are written out of order into a strided output; the rows the kernel is
+    not given stay untouched."""
+    monkeypatch.setenv("RAYFLEET_CPU_KERNELS", "1")
+    assert cpu_kernels.available()
+    seqs = [(ctx, 1) for ctx in (1, 15, 16, 17, 100, 257)]
+    hq = hkv * group
+    nb = sum(-(-c // block_size) for c, _ in seqs) + 4
+    k_cache, v_cache, bt, cl, _, dense, query = _setup_batch(
+        seqs, hq, hkv, d, block_size, num_blocks=nb, seed=block_size + d
+    )
+    n = len(seqs)
+    rows = torch.tensor([2 * i + 1 for i in reversed(range(n))], dtype=torch.int64)
+    q_rows = torch.zeros(2 * n + 1, hq + 2 * hkv, d)
+    q_rows[rows, :hq] = query
+    out = torch.full((2 * n + 1, hq + 1, d), 7.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_kernels.paged_decode_attention(
+            q_rows[:, :hq], k_cache, v_cache, bt, cl, rows, 1 / math.sqrt(d), out[:, :hq]
+        )
+    finally:
+        torch.set_num_threads(before)
+    exp = _expected(seqs, dense, query, 1 / math.sqrt(d))
+    torch.testing.assert_close(out[rows, :hq], exp, atol=2e-5, rtol=1e-4)
+    untouched = torch.ones(2 * n + 1, dtype=torch.bool)
+    untouched[rows] = False
+    assert (out[untouched] == 7.0).all() and (out[:, hq] == 7.0).all()
+
+
+def test_cpu_kernels_avx2_build_matches_reference(monkeypatch):
+    """The AVX2 code paths (8-wide vectors and their own transpose-and-add), which an
+    AVX-512 machine never runs by default: built under ATen's `ATEN_CPU_CAPABILITY=avx2`
+    cap, and the kernel tests run against the references in a child process."""
+    if "avx2" not in cpu_kernels._cpu_flags().split():
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert "-DCPU_CAPABILITY_AVX2" in cpu_kernels._vector_isa_flags(cpu_kernels._cpu_flags())
+    tests = Path(__file__).parent
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(tests / "test_kernels.py"), str(tests / "test_cpu_fused_ops.py"),
+         "-k", "head_shapes or strided_queries or fused or rotary or silu"],
+        env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "RAYFLEET_CPU_KERNELS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 def test_cpu_kernels_can_be_switched_off(monkeypatch):

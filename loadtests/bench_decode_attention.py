@@ -22,17 +22,16 @@ Prints a table, writes loadtests/results/decode_attention-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from rayfleet.kernels import cpu_kernels
 from rayfleet.kernels.attention import PagedAttentionPlan, paged_attention
+from rayfleet.loadtests.report import save_result
 
 HQ, HKV, D, BS = 9, 3, 64, 16
 
@@ -146,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = c["median_ms"] / res["cold"]["cpu-kernel"]["median_ms"]
         print(f"{w:<18}{c['median_ms']:>9.1f}{c['gb_per_s']:>7.1f}{h['median_ms']:>9.1f}"
               f"   {ratio:.2f}x")  # fmt: skip
-    out = Path(args.result_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / args.output
-    path.write_text(json.dumps(res, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {save_result(args.result_dir, args.output, res)}")
     return 0
 
 

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import random
 import resource
 import sys
 import time
-from pathlib import Path
 
 from rayfleet.cluster.prefix_index import PrefixIndex
 from rayfleet.cluster.router_config import RouterConfig
 from rayfleet.cluster.routing_policy import KVAwarePolicy, ReplicaLoad, build_policy
 from rayfleet.engine import BlockStored, KVEventBatch, KVSnapshot, hash_prompt_blocks
+from rayfleet.loadtests.report import save_result
 
 
 def _pcts(ns: list[int]) -> dict[str, float]:
@@ -249,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         f"hash_prompt_blocks ({res['prompt_tokens']} tokens, ingress): "
         f"{res['hash_prompt_blocks_us']:.0f} us"
     )
-    out = Path(args.result_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / args.output
-    path.write_text(json.dumps(res, indent=2))
-    print(f"wrote {path}")
+    print(f"wrote {save_result(args.result_dir, args.output, res)}")
     return 0
 
 

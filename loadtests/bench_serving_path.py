@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayfleet.loadtests.report import save_result
+
 
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
@@ -481,11 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": direct + serving,
         "overhead": deltas,
     }
-    d = Path(args.result_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / args.output
-    path.write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {path}")
+    print(f"\nwrote {save_result(args.result_dir, args.output, out)}")
     return 0
 
 

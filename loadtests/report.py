@@ -113,6 +113,15 @@ def _latency_rows(docs: list[dict]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def save_result(result_dir: str | Path, filename: str, doc: dict) -> Path:
+    """Write a benchmark's JSON document into `result_dir` (made if missing); its path."""
+    d = Path(result_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / filename
+    path.write_text(json.dumps(doc, indent=2))
+    return path
+
+
 def load_result(path: str | Path) -> dict:
     text = Path(path).read_text(encoding="utf-8").strip()
     try:

@@ -105,7 +105,8 @@ void decode_heads_f32(const float* q, int64_t q_head, const float* kc, const flo
           if (j < nt) {
             const float* kp = tp[j] + h * D;
             acc[j] = qv[0] * Vec::loadu(kp);
-            for (int v = 1; v < NV; ++v) acc[j] = at::vec::fmadd(qv[v], Vec::loadu(kp + v * L), acc[j]);
+            for (int v = 1; v < NV; ++v)
+              acc[j] = at::vec::fmadd(qv[v], Vec::loadu(kp + v * L), acc[j]);
           } else {
             acc[j] = Vec(0.f);
           }

@@ -12,11 +12,12 @@ Three ways, interleaved, medians of `--iters`:
 - `reference`: the PyTorch path (gather each sequence's blocks, then SDPA), the engine's
   path where the kernel cannot be built;
 - `torch.sum floor`: one streaming read of as many bytes of the same pools, i.e. roughly
-  what reading K and V costs on this machine.
+  what reading K and V costs on this machine (the same read in both modes: it is the
+  cold figure's floor).
 
     python -m rayfleet.loadtests.bench_decode_attention          # ~1 min on 2 cores
 
-Prints a table, writes loadtests/results/decode_attention-<device>.json.
+Prints a table, writes loadtests/results/decode_attention-cpu.json (`--output`).
 """
 
 from __future__ import annotations

@@ -49,10 +49,11 @@ inline const float* as_float(const scalar_t* row, float* buf, int64_t d) {
 // The float32 path for the common head shapes, with the head dim D and the GQA group G
 // fixed at compile time, for the `nh` kv heads of one sequence. Why a second path: the
 // generic loop below spent as long on arithmetic as on reading. Measured on this project's
-// 2-core AVX-512 box, 64 sequences of 150-350 tokens, 30 layers, 738 MB of K/V per step
-// (loadtests/bench_decode_attention.py, medians): generic 82 ms from a cold pool and 41 ms with the
-// blocks cache-hot; this path 50-55 ms cold and 10-17 ms hot, where a plain torch.sum over
-// the same bytes takes 40-45 ms. What changed:
+// 2-core AVX-512 box, 64 sequences of 150-350 tokens, 30 layers, 738 MB of K/V per step,
+// medians: generic 82 ms from a cold pool and 41 ms with the blocks cache-hot (a one-off
+// run of that shape before this path existed); this path 50-55 ms cold and 10-17 ms hot,
+// where a plain torch.sum over the same bytes takes 40-45 ms
+// (loadtests/bench_decode_attention.py). What changed:
 //  - the dot products of a chunk of Vec::size() tokens end in one transpose-and-add
 //    (reduce_lanes) instead of one horizontal add each, and their scores in one store;
 //  - the group's value sums stay in registers over a chunk instead of a load and a store

@@ -4,6 +4,16 @@ The step loop runs in its own thread so a long forward pass never blocks the eve
 that serves HTTP. Adds and aborts are handed to that thread through a queue and applied
 between steps; deltas come back to each request's asyncio.Queue. A consumer slower than
 the engine gets several steps' deltas merged into one item (fewer, larger messages).
+
+The engine is also built in that thread (`from_config`), so that it is the only thread of
+the process that runs PyTorch's parallel CPU ops. With the OpenMP backend (the CPU wheels'
+libgomp) every thread that starts a parallel region gets a worker pool of its own, and once
+the process holds more OpenMP threads than CPUs, libgomp stops spin-waiting between
+regions: each of a decode step's small ops then waits for its workers to wake from a futex.
+Measured on 2 cores: a 1x576 @ 576x1536 matmul 54 us on the first thread to use OpenMP, 187
+us on a second; the default model's batch-1 decode 38 ms/token when loaded and run in one
+thread, 95 ms/token when loaded in the main thread and stepped in another (as this class did
+before).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .config import EngineConfig
@@ -42,8 +52,15 @@ def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(
+        self, engine: LLMEngine | None = None, *, build: Callable[[], LLMEngine] | None = None
+    ) -> None:
+        """Step `engine`, or the engine `build()` returns: called in the engine thread
+        (what `from_config` does; the module's docstring says why)."""
+        if (engine is None) == (build is None):
+            raise TypeError("AsyncLLMEngine takes an engine or a build function, not both")
+        make = build
+        self.engine: LLMEngine = engine  # type: ignore[assignment]  # set by `build` if None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -59,13 +76,33 @@ class AsyncLLMEngine:
         self._sent_lock = threading.Lock()
         self._sent = (0, 0)
         self._applied = (0, 0)  # the engine thread's
-        self._snap: tuple[EngineStats, tuple[int, int]] = (engine.get_stats(), (0, 0))
-        self._thread = threading.Thread(target=self._loop, name="rayfleet-engine", daemon=True)
+        self._snap: tuple[EngineStats, tuple[int, int]]
+        built = threading.Event()
+        build_error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                if make is not None:
+                    self.engine = make()
+                self._snap = (self.engine.get_stats(), (0, 0))
+            except BaseException as e:
+                build_error.append(e)
+                return
+            finally:
+                built.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="rayfleet-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if build_error:
+            self._thread.join()
+            raise build_error[0]
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
-        return cls(LLMEngine(config))
+        """Build the engine (load the model) in the engine thread and start it."""
+        return cls(build=lambda: LLMEngine(config))
 
     # ---- properties the server uses ---------------------------------------------------
     @property

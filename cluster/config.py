@@ -202,6 +202,12 @@ class ServerSection(_Strict):
         description="re-issue a request whose replica died before it produced a token, up to "
         "this many times (`rayfleet.cluster.retry`); never once a token was sent",
     )
+    token_channel: bool = Field(
+        True,
+        description="replicas stream tokens to the ingress over a socket of its own "
+        "(`rayfleet.cluster.token_channel`) instead of as Serve stream items; off: Serve's "
+        "handle stream carries them",
+    )
     num_ingress_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(2048, ge=1)
     ingress_num_cpus: float = Field(0.0, ge=0)

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 import rayfleet.engine as rf_engine
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +61,7 @@ from .protocol import (
 from .retry import ReplicaRetry, replica_gone
 from .routing_policy import QueueFull
 from .serve_env import handle_by_reference
+from .token_channel import ChannelAddress, ChannelListener
 
 logger = logging.getLogger("ray.serve")
 
@@ -249,6 +251,10 @@ class Ingress:
         except Exception:  # built outside a Serve replica (tests): nothing to poll
             self._app_name = self.cfg.app_name
             self._in_serve = False
+        # The replicas send the deltas of streams this ingress starts here (`token_channel`).
+        self._channel: ChannelListener | None = None
+        if s.token_channel:
+            self._channel = await self._start_channel()
         self.ready_replicas: int | None = None
         await self._poll_replicas()
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
@@ -268,6 +274,32 @@ class Ingress:
         task = getattr(self, "_poll_task", None)
         if task is not None:
             task.cancel()
+        if getattr(self, "_channel", None) is not None:
+            await self._channel.close()
+
+    async def _start_channel(self) -> ChannelListener | None:
+        """Listen for the replicas' token-channel connections on this node's address (the
+        one Ray uses, so a replica on another node reaches it as it reaches Ray)."""
+        try:
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+            return await ChannelListener.start(host)
+        except Exception:  # the handle's own stream still works: slower, never wrong
+            logger.exception("rayfleet ingress: token channel not started; streaming via Serve")
+            return None
+
+    def _call(self, greq: GenerateRequest) -> Any:
+        """Start `greq` on a replica: a stream of its deltas (re-called on a re-issue, so
+        each try has its own channel stream)."""
+        ch = self._channel
+        if ch is None or asyncio.get_running_loop() is not ch.loop:
+            greq.channel = None
+            return self._stream.generate.remote(greq)
+
+        def call(addr: ChannelAddress) -> Any:
+            greq.channel = addr
+            return self._stream.generate.remote(greq)
+
+        return ch.open(call)
 
     # -- replica readiness --------------------------------------------------------------------
 
@@ -386,9 +418,7 @@ class Ingress:
         try:
             if greq.route is None:
                 greq.route = self.route_hint(greq)
-            first, gen = await self._retry.first_item(
-                lambda: self._stream.generate.remote(greq), greq.request_id
-            )
+            first, gen = await self._retry.first_item(lambda: self._call(greq), greq.request_id)
         except QueueFull as e:
             raise ProtocolError(
                 f"The server is at capacity ({e})",
@@ -938,12 +968,21 @@ class Ingress:
         `serve.get_deployment_handle("Ingress", app).router_debug.remote().result()`. This
         ingress replica's request-router view (`KVAwareRequestRouter.debug_state`: per
         LLMServer replica its indexed prefix blocks and load, replicas seen dead; None under
-        power-of-two) and how many requests it re-issued after their replica died."""
+        power-of-two), how many requests it re-issued after their replica died, and its
+        token channel's counts (None when it is off)."""
         from .kv_router import router_debug_of
 
+        ch = self._channel
         return {
             "router": await router_debug_of(self._stream),
             "replica_retries": self._retry.retries,
+            "token_channel": None
+            if ch is None
+            else {
+                "streams_opened": ch.streams_opened,
+                "open_streams": ch.open_streams,
+                "rejected_connections": ch.rejected_connections,
+            },
         }
 
 

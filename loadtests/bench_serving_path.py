@@ -207,6 +207,7 @@ def engine_ttfts(temp: str) -> dict[str, float]:
 SERVING = "HTTP, direct ingress"  # what `rayfleet serve` sets up
 SERVING_PROXY = "HTTP + Serve proxy"  # the same app through Serve's proxy (as under KubeRay)
 SERVING_DEFAULTS = "HTTP + Serve defaults"
+SERVING_STREAM = "HTTP, Serve stream"  # direct ingress, tokens as Serve stream items
 
 
 def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
@@ -216,7 +217,9 @@ def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
     the same app is also measured through Serve's proxy. `--compare-defaults` deploys the
     same app a second time, built with Serve's defaults (`RAYFLEET_SERVE_FAST_PATH=0`), under
     /serve-defaults, and leaves the proxy (shared, its settings are cluster-wide) at Serve's
-    defaults too (and no direct ingress)."""
+    defaults too (and no direct ingress). `--compare-stream` deploys it a second time with
+    `server.token_channel: false` (the replica's tokens travel as the handle stream's items
+    instead of over the ingress's token channel), on its own direct-ingress port."""
     import ray
     from ray import serve
     from rayfleet.cluster import direct_ingress
@@ -225,12 +228,14 @@ def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
     from rayfleet.cluster.testing import free_port
 
     port = free_port()
-    di = None if args.compare_defaults else direct_ingress.plan(free_port(), port)
+    napps = 2 if args.compare_defaults or args.compare_stream else 1
+    di = None
+    if not args.compare_defaults:  # one ingress port per app
+        di = direct_ingress.plan(free_port(), port, num_ingress_replicas=napps)
     if di is not None:
         di.apply()  # before Ray starts: Serve reads it when its processes start
 
     ncpu = args.num_cpus or os.cpu_count() or 2
-    napps = 2 if args.compare_defaults else 1
     temp = tempfile.mkdtemp(prefix="rfb-", dir="/tmp")  # AF_UNIX path length limit
     # Ray starts workers at niceness 15; the direct engine runs at 0. On a busy machine that
     # alone slows the replica (as `rayfleet serve` does, run both at the same priority).
@@ -265,6 +270,12 @@ def start_serving(engine_cfg: dict, args) -> tuple[list[tuple[str, str]], str]:
                 os.environ[FAST_PATH_VAR] = saved
         serve.run(app, name="rayfleet-defaults", route_prefix="/serve-defaults")
         apps.append((SERVING_DEFAULTS, base + "/serve-defaults"))
+    if args.compare_stream and own:
+        stream_cfg = {**app_cfg, "server": {"token_channel": False}}
+        serve.run(build_app(stream_cfg), name="rayfleet-stream", route_prefix="/serve-stream")
+        url = direct_ingress.direct_url("rayfleet-stream", "127.0.0.1", "/serve-stream")
+        if url:
+            apps.insert(1, (SERVING_STREAM, url))
     return apps, temp
 
 
@@ -431,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-defaults",
         action="store_true",
         help="also serve the app with Serve's default settings (and the proxy's), taking turns",
+    )
+    p.add_argument(
+        "--compare-stream",
+        action="store_true",
+        help="also serve the app with its token channel off (tokens as Serve stream items), "
+        "taking turns",
     )
     p.add_argument("--no-netns", action="store_true", help="do not enter a loopback namespace")
     args = p.parse_args(argv)

@@ -355,6 +355,40 @@ def test_32_concurrent_streams_complete_with_the_right_lengths(cluster, model_na
     assert all(p >= 1 for p, _ in results)
 
 
+def ingress_debug(app: str = MAIN_APP) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Ingress", app_name=app).router_debug.remote().result()
+
+
+def test_tokens_travel_on_the_token_channel_and_without_it_alike(cluster, model_name):
+    """The main app's replicas stream over the ingress's token channel (the default); a side
+    app with `server.token_channel: false` streams as Serve's handle items. Both give the
+    same greedy tokens, streamed and not."""
+    from ray import serve
+
+    main = ingress_debug()["token_channel"]
+    assert main["streams_opened"] >= 32  # the 32 concurrent streams above went this way
+    assert main["open_streams"] == 0 and main["rejected_connections"] == 0
+    _deploy_side_app("nochan", "/nochan", {"num_replicas": 1}, cluster, token_channel=False)
+    try:
+        assert ingress_debug("nochan")["token_channel"] is None
+        side = openai.OpenAI(base_url=cluster["proxy"] + "/nochan/v1", api_key="-", max_retries=0)
+        main_client = openai.OpenAI(base_url=cluster["base"] + "/v1", api_key=API_KEY)
+        kw = {"model": model_name, "prompt": "The river", "max_tokens": 20, "temperature": 0}
+        outs = []
+        for c in (main_client, side):
+            full = c.completions.create(**kw).choices[0].text
+            streamed = "".join(
+                ch.choices[0].text for ch in c.completions.create(**kw, stream=True) if ch.choices
+            )
+            assert streamed == full
+            outs.append(full)
+        assert outs[0] == outs[1] and outs[0]
+    finally:
+        serve.delete("nochan")
+
+
 def test_client_disconnect_aborts_and_frees_blocks(cluster, model_name):
     idle = wait_idle(engine_stats()["num_total_blocks"], timeout_s=10)
     idle_free = idle["num_free_blocks"]
@@ -479,7 +513,9 @@ def test_tokenize_detokenize_round_trip(cluster):
     assert bad.status_code == 400
 
 
-def _deploy_side_app(name: str, prefix: str, replica: dict, cluster, wait: bool = True) -> str:
+def _deploy_side_app(
+    name: str, prefix: str, replica: dict, cluster, wait: bool = True, token_channel: bool = True
+) -> str:
     from rayfleet.cluster.testing import deploy_app
 
     config = {
@@ -487,6 +523,7 @@ def _deploy_side_app(name: str, prefix: str, replica: dict, cluster, wait: bool 
         "model": {"path": cluster["model_path"]},
         "engine": {"device": "cpu", "num_kv_blocks": 64, "max_model_len": 256},
         "replica": replica,
+        "server": {"token_channel": token_channel},
     }
     deploy_app(config, name, route_prefix=prefix, wait=wait)
     return cluster["proxy"] + prefix

@@ -80,10 +80,20 @@ def test_serve_with_a_config_file_and_an_override():
     assert cfg.server.port == 8123 and cfg.engine.device == "cpu"
 
 
-def test_serve_without_arguments_is_the_default_config():
+def test_serve_without_arguments_is_the_default_config_on_every_core():
+    """The built-in defaults, except that the one replica's engine uses every core (as
+    configs/default.yaml does): left unset, Ray would give its torch one thread."""
     from rayfleet.cluster.config import RayfleetConfig
 
-    assert cli.load_serve_config(parse()) == RayfleetConfig()
+    cfg = cli.load_serve_config(parse())
+    assert cfg.engine.num_threads == 0
+    assert cfg.engine_config().num_threads == 0
+    assert cfg.model_copy(update={"engine": RayfleetConfig().engine}) == RayfleetConfig()
+    # Several replicas, a config file, or an explicit --set keep their own thread counts.
+    assert cli.load_serve_config(parse("--num-replicas", "2")).engine.num_threads is None
+    assert cli.load_serve_config(parse("--set", "engine.num_threads=1")).engine.num_threads == 1
+    yaml_cfg = cli.load_serve_config(parse(str(ROOT / "configs" / "default.yaml")))
+    assert yaml_cfg.engine.num_threads == 0
 
 
 def test_bad_config_exits_2_naming_the_field_before_starting_ray(tmp_path):

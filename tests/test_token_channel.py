@@ -9,6 +9,7 @@ tests/test_kv_router_live.py, where the channel is on by default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from rayfleet.cluster import token_channel
@@ -54,45 +55,51 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_deltas_arrive_in_order_and_the_stream_is_forgotten_when_finished():
-    async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
-
-        async def replica(addr):
-            for i in range(50):
-                await sender.send(addr, delta(i, finished=i == 49))
-
-        got = await drain(lis.open(lambda a: Call(replica, a)))
-        assert [d.samples[0].token_ids[0] for d in got] == list(range(50))
-        assert got[-1].finished and got[-1].samples[0].finish_reason == "length"
-        assert lis.open_streams == 0
+@contextlib.asynccontextmanager
+async def channel():
+    """A listener on loopback and a replica's sender, both closed afterwards."""
+    lis = await ChannelListener.start("127.0.0.1")
+    sender = ChannelSender()
+    try:
+        yield lis, sender
+    finally:
         await sender.close()
         await lis.close()
+
+
+def test_deltas_arrive_in_order_and_the_stream_is_forgotten_when_finished():
+    async def main():
+        async with channel() as (lis, sender):
+
+            async def replica(addr):
+                for i in range(50):
+                    await sender.send(addr, delta(i, finished=i == 49))
+
+            got = await drain(lis.open(lambda a: Call(replica, a)))
+            assert [d.samples[0].token_ids[0] for d in got] == list(range(50))
+            assert got[-1].finished and got[-1].samples[0].finish_reason == "length"
+            assert lis.open_streams == 0
 
     run(main())
 
 
 def test_concurrent_streams_share_one_connection_without_mixing():
     async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
+        async with channel() as (lis, sender):
 
-        def replica_for(base: int):
-            async def replica(addr):
-                for i in range(30):
-                    await sender.send(addr, delta(base + i, finished=i == 29))
-                    await asyncio.sleep(0)
+            def replica_for(base: int):
+                async def replica(addr):
+                    for i in range(30):
+                        await sender.send(addr, delta(base + i, finished=i == 29))
+                        await asyncio.sleep(0)
 
-            return replica
+                return replica
 
-        streams = [lis.open(lambda a, b=b: Call(replica_for(b), a)) for b in (0, 1000, 2000)]
-        outs = await asyncio.gather(*(drain(s) for s in streams))
-        for b, got in zip((0, 1000, 2000), outs, strict=True):
-            assert [d.samples[0].token_ids[0] for d in got] == [b + i for i in range(30)]
-        assert len(sender._conns) == 1  # one connection per listener, opened once
-        await sender.close()
-        await lis.close()
+            streams = [lis.open(lambda a, b=b: Call(replica_for(b), a)) for b in (0, 1000, 2000)]
+            outs = await asyncio.gather(*(drain(s) for s in streams))
+            for b, got in zip((0, 1000, 2000), outs, strict=True):
+                assert [d.samples[0].token_ids[0] for d in got] == [b + i for i in range(30)]
+            assert len(sender._conns) == 1  # one connection per listener, opened once
 
     run(main())
 
@@ -102,22 +109,19 @@ def test_frames_still_in_flight_when_the_call_returns_are_read():
     for the finished delta after the call ended."""
 
     async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
-        late: list[asyncio.Task] = []
+        async with channel() as (lis, sender):
+            late: list[asyncio.Task] = []
 
-        async def replica(addr):
-            async def later():
-                await asyncio.sleep(0.2)
-                await sender.send(addr, delta(0))
-                await sender.send(addr, delta(1, finished=True))
+            async def replica(addr):
+                async def later():
+                    await asyncio.sleep(0.2)
+                    await sender.send(addr, delta(0))
+                    await sender.send(addr, delta(1, finished=True))
 
-            late.append(asyncio.create_task(later()))  # the call returns first
+                late.append(asyncio.create_task(later()))  # the call returns first
 
-        got = await drain(lis.open(lambda a: Call(replica, a)))
-        assert [d.samples[0].token_ids[0] for d in got] == [0, 1]
-        await sender.close()
-        await lis.close()
+            got = await drain(lis.open(lambda a: Call(replica, a)))
+            assert [d.samples[0].token_ids[0] for d in got] == [0, 1]
 
     run(main())
 
@@ -127,22 +131,19 @@ def test_a_failing_call_fails_the_stream_with_its_error():
         pass
 
     async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
+        async with channel() as (lis, sender):
 
-        async def replica(addr):
-            await sender.send(addr, delta(0))
-            await asyncio.sleep(0.05)
-            raise ActorDied("replica gone")
+            async def replica(addr):
+                await sender.send(addr, delta(0))
+                await asyncio.sleep(0.05)
+                raise ActorDied("replica gone")
 
-        stream = lis.open(lambda a: Call(replica, a))
-        first = await stream.__anext__()
-        assert first.samples[0].token_ids == [0]
-        with pytest.raises(ActorDied, match="replica gone"):
-            await stream.__anext__()
-        assert lis.open_streams == 0
-        await sender.close()
-        await lis.close()
+            stream = lis.open(lambda a: Call(replica, a))
+            first = await stream.__anext__()
+            assert first.samples[0].token_ids == [0]
+            with pytest.raises(ActorDied, match="replica gone"):
+                await stream.__anext__()
+            assert lis.open_streams == 0
 
     run(main())
 
@@ -151,52 +152,46 @@ def test_a_call_that_ends_without_its_finished_delta_is_a_clean_channel_error(mo
     monkeypatch.setattr(token_channel, "FRAMES_AFTER_RETURN_TIMEOUT_S", 0.2)
 
     async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
+        async with channel() as (lis, sender):
 
-        async def replica(addr):
-            await sender.send(addr, delta(0))  # never a finished one
+            async def replica(addr):
+                await sender.send(addr, delta(0))  # never a finished one
 
-        stream = lis.open(lambda a: Call(replica, a))
-        assert (await stream.__anext__()).samples[0].token_ids == [0]
-        with pytest.raises(ChannelError, match="never arrived"):
-            await stream.__anext__()
-        assert lis.open_streams == 0
-        await sender.close()
-        await lis.close()
+            stream = lis.open(lambda a: Call(replica, a))
+            assert (await stream.__anext__()).samples[0].token_ids == [0]
+            with pytest.raises(ChannelError, match="never arrived"):
+                await stream.__anext__()
+            assert lis.open_streams == 0
 
     run(main())
 
 
 def test_cancel_cancels_the_call_and_drops_its_later_frames():
     async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
-        cancelled = asyncio.Event()
+        async with channel() as (lis, sender):
+            cancelled = asyncio.Event()
 
-        async def replica(addr):
-            try:
-                for i in range(1000):
-                    await sender.send(addr, delta(i))
-                    await asyncio.sleep(0.01)
-            except asyncio.CancelledError:
-                cancelled.set()  # the replica aborts the engine request here
-                raise
+            async def replica(addr):
+                try:
+                    for i in range(1000):
+                        await sender.send(addr, delta(i))
+                        await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    cancelled.set()  # the replica aborts the engine request here
+                    raise
 
-        stream = lis.open(lambda a: Call(replica, a))
-        await stream.__anext__()
-        stream.cancel()
-        await asyncio.wait_for(cancelled.wait(), 5)
-        assert lis.open_streams == 0
-        # The next request on the same connection still gets only its own frames.
+            stream = lis.open(lambda a: Call(replica, a))
+            await stream.__anext__()
+            stream.cancel()
+            await asyncio.wait_for(cancelled.wait(), 5)
+            assert lis.open_streams == 0
+            # The next request on the same connection still gets only its own frames.
 
-        async def other(addr):
-            await sender.send(addr, delta(7, finished=True))
+            async def other(addr):
+                await sender.send(addr, delta(7, finished=True))
 
-        got = await drain(lis.open(lambda a: Call(other, a)))
-        assert [d.samples[0].token_ids for d in got] == [[7]]
-        await sender.close()
-        await lis.close()
+            got = await drain(lis.open(lambda a: Call(other, a)))
+            assert [d.samples[0].token_ids for d in got] == [[7]]
 
     run(main())
 
@@ -224,18 +219,18 @@ def test_a_connection_without_the_secret_is_dropped_before_any_frame_is_read():
 
 def test_sending_to_a_listener_that_is_gone_raises_so_the_replica_aborts():
     async def main():
-        lis = await ChannelListener.start("127.0.0.1")
-        sender = ChannelSender()
-        addrs = []
-        stream = lis.open(lambda a: (addrs.append(a), Call(lambda _a: asyncio.sleep(3600), a))[1])
-        await sender.send(addrs[0], delta(0))
-        await stream.__anext__()
-        stream.cancel()
-        await lis.close()
-        with pytest.raises(ConnectionError):
-            for i in range(200):  # the peer's reset shows on a later write
-                await sender.send(addrs[0], delta(i))
-                await asyncio.sleep(0.01)
-        await sender.close()
+        async with channel() as (lis, sender):
+            addrs = []
+            stream = lis.open(
+                lambda a: (addrs.append(a), Call(lambda _a: asyncio.sleep(3600), a))[1]
+            )
+            await sender.send(addrs[0], delta(0))
+            await stream.__anext__()
+            stream.cancel()
+            await lis.close()
+            with pytest.raises(ConnectionError):
+                for i in range(200):  # the peer's reset shows on a later write
+                    await sender.send(addrs[0], delta(i))
+                    await asyncio.sleep(0.01)
 
     run(main())

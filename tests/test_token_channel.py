@@ -234,3 +234,92 @@ def test_sending_to_a_listener_that_is_gone_raises_so_the_replica_aborts():
                     await asyncio.sleep(0.01)
 
     run(main())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_listener_is_reported_once_then_skipped(monkeypatch):
+    from rayfleet.cluster.token_channel import ChannelAddress, ChannelUnreachable
+
+    tries = []
+    real_open = asyncio.open_connection
+
+    async def counting_open(*a, **kw):
+        tries.append(a)
+        return await real_open(*a, **kw)
+
+    monkeypatch.setattr(asyncio, "open_connection", counting_open)
+
+    async def main():
+        sender = ChannelSender()
+        addr = ChannelAddress("127.0.0.1", free_port(), b"s" * SECRET_BYTES, 1)
+        for _ in range(3):
+            with pytest.raises(ChannelUnreachable):
+                await sender.send(addr, delta(0))
+        assert len(tries) == 1  # later sends do not wait on a connect again
+
+    run(main())
+
+
+def test_deltas_the_call_yields_itself_reach_the_stream_too():
+    """The replica's fallback when it cannot reach the channel: the handle's own items."""
+
+    class YieldingCall:
+        def __init__(self, items):
+            self.items = list(items)
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not self.items:
+                raise StopAsyncIteration
+            await asyncio.sleep(0)
+            return self.items.pop(0)
+
+        def cancel(self):
+            pass
+
+    async def main():
+        async with channel() as (lis, _):
+            items = [delta(0), delta(1), delta(2, finished=True)]
+            got = await drain(lis.open(lambda a: YieldingCall(items)))
+            assert [d.samples[0].token_ids[0] for d in got] == [0, 1, 2]
+            assert lis.open_streams == 0
+
+    run(main())
+
+
+def test_the_replica_yields_through_the_handle_when_the_channel_is_unreachable():
+    """`LLMServer.generate` with a request naming a listener nobody runs: the deltas come
+    out as the call's items, in order, none lost."""
+    from rayfleet.cluster.llm_server import GenerateRequest, LLMServer
+    from rayfleet.cluster.token_channel import ChannelAddress
+    from rayfleet.engine import SamplingParams
+
+    class Scripted(LLMServer):
+        def __del__(self):  # Serve awaits the real (async) one; there is no engine here
+            pass
+
+    server = Scripted.__new__(Scripted)  # no engine: `_deltas` is scripted below
+    server._channel = ChannelSender()
+
+    async def scripted(req):
+        for i in range(4):
+            yield delta(i, finished=i == 3)
+
+    server._deltas = scripted
+    addr = ChannelAddress("127.0.0.1", free_port(), b"s" * SECRET_BYTES, 1)
+    req = GenerateRequest("r", [1, 2], SamplingParams(max_tokens=4), channel=addr)
+
+    async def main():
+        return [d async for d in server.generate(req)]
+
+    got = run(main())
+    assert [d.samples[0].token_ids[0] for d in got] == [0, 1, 2, 3]

@@ -2,7 +2,7 @@
 the same engine called directly, on the default model, at concurrency 1 and 16.
 
     python -m rayfleet.loadtests.bench_serving_path [--concurrency 1 16] [--max-tokens 32]
-        [--compare-defaults] [--requests 30 96] [--output NAME.json]
+        [--compare-defaults | --compare-stream] [--requests 30 96] [--output NAME.json]
 
 One process holds both: an `AsyncLLMEngine` driven in-process (the floor) and a local Ray
 cluster (inside a loopback-only network namespace when run as root, HOME in a temporary
@@ -451,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-netns", action="store_true", help="do not enter a loopback namespace")
     args = p.parse_args(argv)
+    if args.compare_defaults and args.compare_stream:
+        p.error("--compare-defaults and --compare-stream each need a second app: pick one")
 
     reqs = args.requests or [10 if c == 1 else 2 * c for c in args.concurrency]
     if len(reqs) != len(args.concurrency):

@@ -11,9 +11,9 @@ libgomp) every thread that starts a parallel region gets a worker pool of its ow
 the process holds more OpenMP threads than CPUs, libgomp stops spin-waiting between
 regions: each of a decode step's small ops then waits for its workers to wake from a futex.
 Measured on 2 cores: a 1x576 @ 576x1536 matmul 54 us on the first thread to use OpenMP, 187
-us on a second; the default model's batch-1 decode 38 ms/token when loaded and run in one
-thread, 95 ms/token when loaded in the main thread and stepped in another (as this class did
-before).
+us on a second; the default model's batch-1 decode through this class 66-71 ms/token when
+the caller's thread loaded it (as it did before), 37-38 ms/token now (`LLM.generate`, all on
+one thread: 37-40).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class AsyncLLMEngine:
         """Step `engine`, or the engine `build()` returns: called in the engine thread
         (what `from_config` does; the module's docstring says why)."""
         if (engine is None) == (build is None):
-            raise TypeError("AsyncLLMEngine takes an engine or a build function, not both")
+            raise TypeError("AsyncLLMEngine takes exactly one of an engine and a build function")
         make = build
         self.engine: LLMEngine = engine  # type: ignore[assignment]  # set by `build` if None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()

@@ -252,8 +252,10 @@ class Ingress:
             self._app_name = self.cfg.app_name
             self._in_serve = False
         # The replicas send the deltas of streams this ingress starts here (`token_channel`).
+        # Only in a Serve replica: built in-process (tests with fake replicas) there are no
+        # remote replicas to connect, and the handle's own items carry the deltas.
         self._channel: ChannelListener | None = None
-        if s.token_channel:
+        if s.token_channel and self._in_serve:
             self._channel = await self._start_channel()
         self.ready_replicas: int | None = None
         await self._poll_replicas()
@@ -281,8 +283,7 @@ class Ingress:
         """Listen for the replicas' token-channel connections on this node's address (the
         one Ray uses, so a replica on another node reaches it as it reaches Ray)."""
         try:
-            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            return await ChannelListener.start(host)
+            return await ChannelListener.start(ray.util.get_node_ip_address())
         except Exception:  # the handle's own stream still works: slower, never wrong
             logger.exception("rayfleet ingress: token channel not started; streaming via Serve")
             return None

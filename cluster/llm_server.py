@@ -114,26 +114,22 @@ class LLMServer:
         items, or, when the request names a token channel, over that channel, yielding
         nothing here (unless the channel cannot be reached: then as items after all). Either
         way the call lasts until the request ends, and cancelling it aborts the request."""
+        channel = req.channel
+        sent = False
         # aclosing: a cancelled call must close the delta generator now (which aborts the
         # request in the engine), not whenever the garbage collector finalizes it.
         async with contextlib.aclosing(self._deltas(req)) as deltas:
-            if req.channel is None:
-                async for d in deltas:
-                    yield d
-            else:
-                via_handle = False
-                sent = False
-                async for d in deltas:
-                    if not via_handle:
-                        try:
-                            await self._channel.send(req.channel, d)
-                            sent = True
-                            continue
-                        except ChannelUnreachable:
-                            if sent:  # its frames went on a connection that broke: never mix
-                                raise
-                            via_handle = True  # the ingress reads the handle's items too
-                    yield d
+            async for d in deltas:
+                if channel is not None:
+                    try:
+                        await self._channel.send(channel, d)
+                        sent = True
+                        continue
+                    except ChannelUnreachable:
+                        if sent:  # its frames went on a connection that broke: never mix
+                            raise
+                        channel = None  # as the call's items: the ingress reads those too
+                yield d
 
     async def _deltas(self, req: GenerateRequest):
         """The request's deltas from the engine.

@@ -88,30 +88,23 @@ class ChannelListener:
     """The ingress's end: accepts replicas' connections and hands each frame to the stream
     it names. Runs on the event loop that creates it (the ingress's)."""
 
-    def __init__(self, advertise_host: str, server: asyncio.base_events.Server, secret: bytes):
-        self.host = advertise_host
-        self.port = server.sockets[0].getsockname()[1]
-        self.secret = secret
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port = 0  # set by `start`
+        self.secret = secrets.token_bytes(SECRET_BYTES)
         self.loop = asyncio.get_running_loop()
-        self._server = server
+        self._server: asyncio.base_events.Server | None = None
         self._streams: dict[int, asyncio.Queue] = {}
-        self._next_id = 0
         self._conns: set[asyncio.StreamWriter] = set()
         self.rejected_connections = 0
-        self.streams_opened = 0
+        self.streams_opened = 0  # also the last stream id handed out
 
     @classmethod
-    async def start(cls, bind_host: str, advertise_host: str | None = None) -> ChannelListener:
-        """Listen on `bind_host` (an ephemeral port); replicas connect to `advertise_host`
-        (default: `bind_host`)."""
-        holder: list[ChannelListener] = []
-
-        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await holder[0]._serve_conn(r, w)
-
-        server = await asyncio.start_server(on_conn, bind_host, 0)
-        lis = cls(advertise_host or bind_host, server, secrets.token_bytes(SECRET_BYTES))
-        holder.append(lis)
+    async def start(cls, host: str) -> ChannelListener:
+        """Listen on `host` (an ephemeral port), the address replicas connect to."""
+        lis = cls(host)
+        lis._server = await asyncio.start_server(lis._serve_conn, host, 0)
+        lis.port = lis._server.sockets[0].getsockname()[1]
         return lis
 
     @property
@@ -121,9 +114,8 @@ class ChannelListener:
     def open(self, start_call) -> ChannelStream:
         """Register a new stream, then start the request with `start_call(address)` (which
         returns the handle response: an async iterator with `cancel()`)."""
-        self._next_id += 1
-        sid = self._next_id
         self.streams_opened += 1
+        sid = self.streams_opened
         q: asyncio.Queue = asyncio.Queue()
         self._streams[sid] = q
         try:
@@ -160,6 +152,8 @@ class ChannelListener:
             w.close()
 
     async def close(self) -> None:
+        if self._server is None:
+            return
         self._server.close()
         for w in list(self._conns):
             w.close()

@@ -59,7 +59,6 @@ class AsyncLLMEngine:
         (what `from_config` does; the module's docstring says why)."""
         if (engine is None) == (build is None):
             raise TypeError("AsyncLLMEngine takes exactly one of an engine and a build function")
-        make = build
         self.engine: LLMEngine = engine  # type: ignore[assignment]  # set by `build` if None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -82,8 +81,8 @@ class AsyncLLMEngine:
 
         def run() -> None:
             try:
-                if make is not None:
-                    self.engine = make()
+                if build is not None:
+                    self.engine = build()
                 self._snap = (self.engine.get_stats(), (0, 0))
             except BaseException as e:
                 build_error.append(e)

@@ -242,7 +242,7 @@ def test_rotary_apply_matches_transformers_apply_rotary_pos_emb():
 # ------------------------------------------- real tensor parallelism: 2 ranks over gloo
 
 
-def _tp_worker(rank: int, world: int, port: int, folder: str, ids: list[int], out_file: str):
+def _tp_worker(rank: int, world: int, store: str, folder: str, ids: list[int], out_file: str):
     import torch.distributed as dist
     from rayfleet.engine.model_loader import iterate_weights, load_hf_config
     from rayfleet.engine.models import MODEL_REGISTRY
@@ -250,9 +250,9 @@ def _tp_worker(rank: int, world: int, port: int, folder: str, ids: list[int], ou
     from rayfleet.kernels.attention import PagedAttentionPlan
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    # A file store: no TCP store server living in rank 0 (and no port picked by bind and
+    # release, which another process can take in between).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         cfg = load_hf_config(folder)
         model = MODEL_REGISTRY[cfg.architectures[0]](
@@ -275,14 +275,15 @@ def _tp_worker(rank: int, world: int, port: int, folder: str, ids: list[int], ou
             logits = model.compute_logits(model(torch.tensor(ids), torch.arange(t), caches, meta))
         if rank == 0:
             torch.save(logits, out_file)
+        # Neither rank tears down its gloo pairs while the other may still be using them: a
+        # peer's socket closing under a live pair aborts the process (SIGABRT, seen once).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tensor_parallel_2_ranks_over_gloo_match_tp1_logits(tiny_model_factory, tmp_path, arch):
-    import socket
-
     import torch.multiprocessing as mp
     from rayfleet.engine.model_loader import iterate_weights, load_hf_config
     from rayfleet.engine.models import MODEL_REGISTRY
@@ -292,13 +293,10 @@ def test_tensor_parallel_2_ranks_over_gloo_match_tp1_logits(tiny_model_factory, 
     # vocab 383: uneven over 2 ranks (padding row); 2 kv heads: one per rank.
     folder = tiny_model_factory(arch, arch=arch, vocab_size=383)
     ids = [5, 17, 100, 382, 0, 42, 7, 9, 250, 33]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out_file = str(tmp_path / "tp_logits.pt")
     mp.start_processes(
         _tp_worker,
-        args=(2, port, str(folder), ids, out_file),
+        args=(2, str(tmp_path / "gloo_store"), str(folder), ids, out_file),
         nprocs=2,
         join=True,
         start_method="spawn",

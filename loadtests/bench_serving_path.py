@@ -25,7 +25,10 @@ background load.
 TTFT: request sent -> first chunk carrying tokens. ITL: gaps between consecutive chunks that
 carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency - TTFT) /
 (tokens - 1) per request. The overhead rows are serving minus direct, of the medians and of
-the per-pair differences. Prints a table and writes JSON (`--result-dir`).
+the per-pair differences; "engine TPOT" splits the TPOT difference: the replica's engine's own
+TPOT (first token -> finished, from its request log) minus the direct engine's, i.e. how much
+slower the same engine runs inside the cluster, before any token leaves the replica. Prints a
+table and writes JSON (`--result-dir`).
 """
 
 from __future__ import annotations
@@ -191,17 +194,24 @@ async def _http_level(base: str, model: str, prompts, conc: int, max_tokens: int
         return await asyncio.gather(*(one(p) for p in prompts))
 
 
-def engine_ttfts(temp: str) -> dict[str, float]:
-    """request id -> the engine's own TTFT (arrival -> first token), from the replica's log."""
-    out: dict[str, float] = {}
+def engine_records(temp: str) -> dict[str, dict[str, Any]]:
+    """request id -> the replica's request log line (the engine's own TTFT, arrival -> first
+    token, its total time and output tokens)."""
+    out: dict[str, dict[str, Any]] = {}
     logs = Path(temp) / "session_latest" / "logs" / "serve"
     for f in logs.glob("replica_*LLMServer*.log"):
         for line in f.read_text(errors="replace").splitlines():
             if "rayfleet.request " in line:
                 rec = json.loads(line.split("rayfleet.request ", 1)[1])
                 if rec.get("ttft_s") is not None:
-                    out[rec["request_id"]] = rec["ttft_s"]
+                    out[rec["request_id"]] = rec
     return out
+
+
+def engine_tpot(rec: dict[str, Any]) -> float | None:
+    """The engine's own time per output token in the replica (first token -> finished)."""
+    n = rec.get("output_tokens") or 0
+    return (rec["total_s"] - rec["ttft_s"]) / (n - 1) if n > 1 else None
 
 
 SERVING = "HTTP, direct ingress"  # what `rayfleet serve` sets up
@@ -346,12 +356,21 @@ async def paired(engine_cfg: dict, apps, temp: str, levels, args) -> tuple[list,
                 )  # fmt: skip
                 print(_row(serving_rows[-1]), flush=True)
         await asyncio.sleep(2.0)  # let the replicas' log lines reach the files
-        eng = engine_ttfts(temp)
+        eng = engine_records(temp)
+        direct_tpot = {r["concurrency"]: r["tpot_ms"]["p50"] for r in direct_rows}
         for p in pairs:
             res_p = p.pop("_serving")
-            path_ms = [(r["ttft"] - eng[r["id"]]) * 1e3 for r in res_p if r["id"] in eng]
+            mine = [(r, eng[r["id"]]) for r in res_p if r["id"] in eng]
+            path_ms = [(r["ttft"] - e["ttft_s"]) * 1e3 for r, e in mine]
             p["path_ttft_p50_ms"] = _pct(path_ms, 0.5)
             p["path_ttft_n"] = len(path_ms)
+            # Where the TPOT difference arises: the engine itself running slower in the
+            # replica's process (CPU shared with the cluster), or the way to the client.
+            tpots = [t * 1e3 for _, e in mine if (t := engine_tpot(e)) is not None]
+            p["replica_engine_tpot_p50_ms"] = _pct(tpots, 0.5)
+            p["replica_engine_minus_direct_tpot_ms"] = (
+                _pct(tpots, 0.5) - direct_tpot[p["concurrency"]]
+            )
         return direct_rows, serving_rows, pairs
     finally:
         await engine.shutdown()
@@ -390,9 +409,10 @@ def report(direct: list[dict], serving: list[dict], pairs: list[dict]) -> list[d
         print(_row(r))
     print()
     print("overhead, serving - direct (ms): of the medians; median of the per-pair differences;")
-    print("path TTFT = client TTFT - the engine's own TTFT (arrival -> first token), per request")
+    print("path TTFT = client TTFT - the engine's own TTFT (arrival -> first token), per request;")
+    print("engine TPOT = the replica's engine's own TPOT (from its request log) - direct TPOT")
     print(f"{'path':<21} {'conc':>4} {'TTFT p50':>9} {'ITL p50':>8} {'TPOT p50':>9} "
-          f"{'pair TTFT':>10} {'pair ITL':>9} {'path TTFT':>10}")  # fmt: skip
+          f"{'pair TTFT':>10} {'pair ITL':>9} {'path TTFT':>10} {'engine TPOT':>12}")  # fmt: skip
     deltas = []
     for s in serving:
         d = next((x for x in direct if x["concurrency"] == s["concurrency"]), None)
@@ -412,12 +432,14 @@ def report(direct: list[dict], serving: list[dict], pairs: list[dict]) -> list[d
             "pairwise_ttft_p50_ms": pair.get("ttft_diff_p50_ms", nan),
             "pairwise_itl_p50_ms": pair.get("itl_p50_diff_p50_ms", nan),
             "path_ttft_p50_ms": pair.get("path_ttft_p50_ms", nan),
+            "replica_engine_tpot_diff_ms": pair.get("replica_engine_minus_direct_tpot_ms", nan),
         }
         deltas.append(delta)
         print(f"{delta['path']:<21} {delta['concurrency']:>4} {delta['ttft_p50_ms']:>+9.1f} "
               f"{delta['itl_p50_ms']:>+8.2f} {delta['tpot_p50_ms']:>+9.2f} "
               f"{delta['pairwise_ttft_p50_ms']:>+10.1f} {delta['pairwise_itl_p50_ms']:>+9.2f} "
-              f"{delta['path_ttft_p50_ms']:>+10.1f}")  # fmt: skip
+              f"{delta['path_ttft_p50_ms']:>+10.1f} "
+              f"{delta['replica_engine_tpot_diff_ms']:>+12.2f}")  # fmt: skip
     return deltas
 
 

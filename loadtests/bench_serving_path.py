@@ -27,8 +27,9 @@ carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency 
 (tokens - 1) per request. The overhead rows are serving minus direct, of the medians and of
 the per-pair differences; "engine TPOT" splits the TPOT difference: the replica's engine's own
 TPOT (first token -> finished, from its request log) minus the direct engine's, i.e. how much
-slower the same engine runs inside the cluster, before any token leaves the replica. Prints a
-table and writes JSON (`--result-dir`).
+slower the same engine steps as a replica than in this process (the cluster is up for both;
+the serving path's own CPU, client included, comes out of the engine's cores), before any
+token leaves the replica. Prints a table and writes JSON (`--result-dir`).
 """
 
 from __future__ import annotations

@@ -276,7 +276,8 @@ def _tp_worker(rank: int, world: int, store: str, folder: str, ids: list[int], o
         if rank == 0:
             torch.save(logits, out_file)
         # Neither rank tears down its gloo pairs while the other may still be using them: a
-        # peer's socket closing under a live pair aborts the process (SIGABRT, seen once).
+        # peer's socket closing under a live pair aborts the process (the likely cause of a
+        # SIGABRT seen once in CI).
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -11,7 +11,7 @@ idle. Three phases:
    its threads) over `--window` seconds;
 2. the replica under one stream: `--streams` requests of `--tokens` tokens each (greedy,
    `ignore_eos`), one after the other, while the busiest threads of the LLMServer replica
-   process are sampled: their CPU, and their voluntary (they slept) and involuntary (they
+   process (the first found, when there are several) are sampled: their CPU, and their voluntary (they slept) and involuntary (they
    were switched out) context switches per second;
 3. the client's median inter-token latency of those streams.
 

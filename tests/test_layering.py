@@ -91,3 +91,27 @@ def test_the_checker_sees_a_violation():
     """The rule can fail: ray and a relative import of cluster are both seen."""
     names = imports_in_source("import ray\nfrom ..cluster import app\n", "rayfleet.engine")
     assert "ray" in names and "rayfleet.cluster.app" in names
+
+
+def test_top_level_kernels_from_the_checkout_is_the_installed_package():
+    """From the checkout's root (as `python -m`, pytest and the Ray workers of a driver
+    started there see it), top-level `kernels` is Hugging Face's package, which transformers
+    imports, not this repo's folder; `rayfleet.kernels` is still ours."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    code = "import kernels, rayfleet.kernels as ours; print(kernels.__file__, ours.__file__)"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:  # older transformers: not installed
+        assert run.returncode != 0 and "import it as rayfleet.kernels" in run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    top, ours = (Path(p).resolve() for p in run.stdout.split())
+    installed = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    assert top == Path(str(installed)).resolve() != ours
+    assert ours == ROOT / "kernels" / "__init__.py"

@@ -45,9 +45,13 @@ class EngineConfig(BaseModel):
     # replica's OMP_NUM_THREADS = its num_cpus); 0 uses every core the process may run on.
     num_threads: int | None = Field(None, ge=0, description="CPU threads (0: all cores)")
     # CPU float32: which projections also keep a oneDNN-prepacked copy of their weight, used
-    # for the row counts where it beats BLAS (`models.linear.PACKED_ROWS_*`). "all" costs a
-    # second copy of every projection weight; "lm_head" only of the vocabulary matrix.
+    # for the row counts where it beats BLAS. "all" costs a second copy of every projection
+    # weight; "lm_head" only of the vocabulary matrix.
     cpu_packed_weights: Literal["all", "lm_head", "none"] = "all"
+    # Which row counts those are: "measure" times both ways on this CPU at load (~1 s,
+    # `engine/cpu_linear_tuning.py`); "fixed" takes `models.linear.PACKED_ROWS_*`, the same
+    # on every machine (for A/B runs, or replicas that must pick identical kernels).
+    cpu_packed_rows: Literal["measure", "fixed"] = "measure"
 
     # Streaming: the async engine coalesces deltas for at most this long (0: every step).
     stream_interval_s: float = Field(0.0, ge=0.0)

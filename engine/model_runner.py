@@ -19,6 +19,7 @@ from rayfleet.kernels.attention import AttentionWorkspace, PagedAttentionPlan
 from rayfleet.kernels.cache import swap_blocks
 
 from .config import EngineConfig
+from .cpu_linear_tuning import PackedRowsChoice, apply_packed_rows, describe, measure_packed_rows
 from .model_loader import get_model_architecture, iterate_weights, load_hf_config
 from .models.attention import AttentionMetadata
 from .models.llama import head_dim_of
@@ -92,8 +93,8 @@ def _use_column_major_weights(model: torch.nn.Module) -> None:
 def _pack_weights_for_cpu(model: torch.nn.Module, which: str) -> int:
     """Give projections ("all", or only the "lm_head") a oneDNN-prepacked copy of their
     weight, which `models.linear.cpu_linear` uses for the row counts where it beats BLAS
-    (measured: decoder projections 1.16-1.2x at 8-16 rows, the LM head 1.1-1.67x at 2-64;
-    slower at one row, hence a copy rather than a replacement). Returns the bytes added."""
+    (which ones depends on the CPU: `cpu_linear_tuning`; on some it is slower at a few rows,
+    hence a copy rather than a replacement). Returns the bytes added."""
     from .models.embedding import ParallelLMHead
     from .models.linear import _ParallelLinearBase, pack_for_cpu
 
@@ -165,6 +166,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             _use_column_major_weights(self.model)
         self.packed_weight_bytes = 0
+        self.packed_rows_choice: PackedRowsChoice | None = None  # measured row tables
         if (
             config.cpu_packed_weights != "none"
             and self.device.type == "cpu"
@@ -172,6 +174,10 @@ class ModelRunner:
             and torch.backends.mkldnn.is_available()
         ):
             self.packed_weight_bytes = _pack_weights_for_cpu(self.model, config.cpu_packed_weights)
+            if config.cpu_packed_rows == "measure":
+                self.packed_rows_choice = measure_packed_rows(self.model)
+                apply_packed_rows(self.model, self.packed_rows_choice)
+                logger.info(describe(self.packed_rows_choice))
         if self.cpu_kernels and hasattr(self.model, "use_fused_cpu_kernels"):
             self.model.use_fused_cpu_kernels(True)
         self.sampler = Sampler()

@@ -227,14 +227,20 @@ def test_default_model_greedy_64_tokens_match_hf_generate(smol, smol_prompts):
 @pytest.mark.parametrize("which", ["all", "lm_head", "none"])
 def test_cpu_packed_weights_setting_and_logits(tiny_model_factory, which):
     """`cpu_packed_weights` decides which projections get a oneDNN copy, and the prefill
-    logits (chunks of 13/1/20/16 rows: inside and outside the packed row ranges) match HF
-    whichever it is."""
+    logits (chunks of 13/1/20/16 rows: inside and outside the fixed packed row ranges) match
+    HF whichever it is."""
     from rayfleet.engine.models.embedding import ParallelLMHead
     from rayfleet.engine.models.linear import _ParallelLinearBase
 
     path = tiny_model_factory("qwen2-qkv-bias", **TINY_VARIANTS["qwen2-qkv-bias"])
     runner = ModelRunner(
-        EngineConfig(model=str(path), block_size=4, device="cpu", cpu_packed_weights=which),
+        EngineConfig(
+            model=str(path),
+            block_size=4,
+            device="cpu",
+            cpu_packed_weights=which,
+            cpu_packed_rows="fixed",
+        ),
         str(path),
     )
     runner.allocate_kv_cache(64)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import PACKED_ROWS_LM_HEAD, cpu_linear
+from .linear import PACKED_ROWS_LM_HEAD, PackedRows, cpu_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -74,7 +74,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.packed_weight: torch.Tensor | None = None  # set by the model runner (CPU)
-        self.packed_rows = PACKED_ROWS_LM_HEAD
+        self.packed_rows: PackedRows = PACKED_ROWS_LM_HEAD  # tuned by the model runner (CPU)
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         if (embedding.num_embeddings, embedding.shard_size) != (

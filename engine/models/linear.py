@@ -45,27 +45,37 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
 
 
 # oneDNN's prepacked float32 matmul (`torch.ops.mkldnn._linear_pointwise`) beats BLAS on the
-# CPU only for some row counts, so a layer with a packed copy of its weight picks per call:
-# rows in `packed_rows` (a half-open range) go to the packed copy, the rest to BLAS.
+# CPU only for some row counts, and which ones depends on the CPU, so a layer with a packed
+# copy of its weight picks per call: `packed_rows[n]` says whether an n-row input goes to the
+# packed copy; row counts past the table's end follow its last entry. The model runner measures the
+# table on the machine at load (`engine/cpu_linear_tuning.py`); these defaults are what an
+# earlier 2-core box measured (decoder projections 1.16-1.20x at 8-16 rows, even at 20-40,
+# 0.90-0.96x at 1-4 and 48-128; the LM head 1.1-1.67x at 2-64 rows), while a 2-core AMD EPYC
+# (AVX-512) box later ran batch-1 decode 1.77x faster with the packed copy at 1-4 rows too.
+PackedRows = tuple[bool, ...]
+
+
+def rows_between(lo: int, hi: int) -> PackedRows:
+    """The table that sends row counts in [lo, hi) to the packed copy, and no others."""
+    return tuple(lo <= n < hi for n in range(hi + 1))
+
+
+PACKED_ROWS_LAYER = rows_between(8, 33)
+PACKED_ROWS_LM_HEAD = rows_between(2, 65)
+
+
 def cpu_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     packed: torch.Tensor | None,
-    packed_rows: tuple[int, int],
+    packed_rows: PackedRows,
 ) -> torch.Tensor:
-    if packed is not None and x.dim() == 2 and packed_rows[0] <= x.shape[0] < packed_rows[1]:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed is not None and x.dim() == 2 and packed_rows:
+        n = x.shape[0]
+        if packed_rows[n] if n < len(packed_rows) else packed_rows[-1]:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
-
-
-# Where the packed copy wins, measured here (2 cores AVX2, float32, SmolLM2's shapes, every
-# layer's weights in turn so they stream from memory as in a real step; the baseline is BLAS
-# on the column-major weights, see `model_runner._use_column_major_weights`): the decoder
-# layers' projections 1.16-1.20x at 8-16 rows, even at 20-40, 0.90-0.96x at 48-128 and at
-# 1-4; the LM head 1.1-1.67x at 2-64 rows, even at 96-128, 0.4-1.1x beyond (erratic).
-PACKED_ROWS_LAYER = (8, 33)
-PACKED_ROWS_LM_HEAD = (2, 65)
 
 
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor:
@@ -103,7 +113,7 @@ class _ParallelLinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # set by the model runner (CPU)
-        self.packed_rows = PACKED_ROWS_LAYER
+        self.packed_rows: PackedRows = PACKED_ROWS_LAYER  # tuned by the model runner (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_linear(x, self.weight, self.bias, self.packed_weight, self.packed_rows)

@@ -2,25 +2,26 @@
 the same engine called directly, on the default model, at concurrency 1 and 16.
 
     python -m rayfleet.loadtests.bench_serving_path [--concurrency 1 16] [--max-tokens 32]
-        [--compare-defaults | --compare-stream] [--requests 30 96] [--output NAME.json]
+        [--compare-defaults | --compare-stream] [--requests 30 96] [--engine-threads N]
+        [--output NAME.json]
 
 One process holds both: an `AsyncLLMEngine` driven in-process (the floor) and a local Ray
-cluster (inside a loopback-only network namespace when run as root, HOME in a temporary
-folder, nothing left behind) serving `rayfleet.cluster.app` with the same engine config,
-its replica holding all CPUs (the same torch thread count). HTTP reaches the app two ways,
-as `rayfleet serve` sets it up: on the ingress replica's own port (direct ingress,
-`cluster/direct_ingress.py`) and through Serve's HTTP proxy (the path under KubeRay's
-defaults). The paths take turns, in rounds of `concurrency` requests each (which one goes
-first rotates), on random token-id prompts of the same length, each path its own (no
-prefix-cache hits: the two HTTP paths share one replica), `ignore_eos`, fixed
+cluster (inside a loopback-only network namespace when run as root, HOME in a temporary folder,
+nothing left behind) serving `rayfleet.cluster.app` with the same engine config, its replica
+holding all CPUs (the same torch thread count; `--engine-threads N` gives both engines N
+threads, and with fewer than the cores the serving path's own CPU no longer comes out of the
+engine's). HTTP reaches the app two ways, as `rayfleet serve` sets it up: on the ingress
+replica's own port (direct ingress, `cluster/direct_ingress.py`) and through Serve's HTTP proxy
+(the path under KubeRay's defaults). The paths take turns, in rounds of `concurrency` requests
+each (which one goes first rotates), on random token-id prompts of the same length, each path
+its own (no prefix-cache hits: the two HTTP paths share one replica), `ignore_eos`, fixed
 `max_tokens`, greedy. Taking turns matters on a shared machine: every path sees the same
 background load, which would otherwise swamp a millisecond-sized difference. Serve runs with
 rayfleet's request-path settings (`cluster/serve_env.py`, as `rayfleet serve` does);
 `RAYFLEET_SERVE_FAST_PATH=0` measures Serve's defaults instead (proxy only), and
 `--compare-defaults` measures both in one run: a second copy of the app built with Serve's
-defaults takes its turns too (through the proxy, shared, which then keeps Serve's defaults
-for both: its settings are cluster-wide), so the two are compared under the same
-background load.
+defaults takes its turns too (through the proxy, shared, which then keeps Serve's defaults for
+both: its settings are cluster-wide), so the two are compared under the same background load.
 
 TTFT: request sent -> first chunk carrying tokens. ITL: gaps between consecutive chunks that
 carry tokens (per chunk, as vLLM's benchmark_serving counts it). TPOT: (latency - TTFT) /
@@ -459,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream-interval", type=float, default=0.0, help="engine.stream_interval_s")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray's CPUs (default: all)")
+    p.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="torch threads of both engines, direct and replica (default: every core); "
+        "fewer than the cores leaves the serving path a core of its own",
+    )
     p.add_argument("--result-dir", default="loadtests/results")
     p.add_argument("--output", default="serving_path.json", help="file name in --result-dir")
     p.add_argument(
@@ -489,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": 64,
         "stream_interval_s": args.stream_interval,
     }
+    if args.engine_threads is not None:
+        engine_cfg["num_threads"] = args.engine_threads
 
     from rayfleet.cluster.serve_env import fast_path_enabled
     from rayfleet.cluster.testing import NoPrivateNetwork, call_in_ray_sandbox

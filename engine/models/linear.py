@@ -46,12 +46,12 @@ def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shar
 
 # oneDNN's prepacked float32 matmul (`torch.ops.mkldnn._linear_pointwise`) beats BLAS on the
 # CPU only for some row counts, and which ones depends on the CPU, so a layer with a packed
-# copy of its weight picks per call: `packed_rows[n]` says whether an n-row input goes to the
-# packed copy; row counts past the table's end follow its last entry. The model runner measures the
-# table on the machine at load (`engine/cpu_linear_tuning.py`); these defaults are what an
-# earlier 2-core box measured (decoder projections 1.16-1.20x at 8-16 rows, even at 20-40,
-# 0.90-0.96x at 1-4 and 48-128; the LM head 1.1-1.67x at 2-64 rows), while a 2-core AMD EPYC
-# (AVX-512) box later ran batch-1 decode 1.77x faster with the packed copy at 1-4 rows too.
+# copy of its weight picks per call: `packed_rows[n]` says whether an n-row input goes to
+# the packed copy; row counts past the table's end follow its last entry. The model runner
+# measures the table on the machine at load (`engine/cpu_linear_tuning.py`). These defaults
+# are what an earlier 2-core box measured (decoder projections 1.16-1.20x at 8-16 rows, even
+# at 20-40, 0.90-0.96x at 1-4 and 48-128; the LM head 1.1-1.67x at 2-64 rows); on a 2-core
+# AMD EPYC (AVX-512) box the packed copy won at every row count from 1 to 512, by 1.7-4x.
 PackedRows = tuple[bool, ...]
 
 

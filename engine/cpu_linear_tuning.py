@@ -118,7 +118,7 @@ def measure_packed_rows(
             layers.append(m)
             sampled += m.weight.numel() * m.weight.element_size()
     layer_t = [_time_bucket(layers, r, repeats) for r in buckets] if layers else []
-    head_buckets = [r for r in buckets if r <= LM_HEAD_BUCKETS[-1]] or buckets
+    head_buckets = [r for r in buckets if r <= LM_HEAD_BUCKETS[-1]]
     head_t = [_time_bucket(heads, r, repeats) for r in head_buckets] if heads else []
     return PackedRowsChoice(
         layers=table_from_timings(layer_t) if layers else None,

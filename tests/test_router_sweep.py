@@ -68,6 +68,18 @@ def test_a_run_without_the_workload_is_a_clear_error(tmp_path, capsys):
     assert "no 'shared-prefix' workload" in capsys.readouterr().err
 
 
+def test_other_workloads_get_the_ratio_but_no_per_round_verdicts(tmp_path):
+    doc = _doc(1.0, 100.0, 110.0, "d", ([90, 110], [100, 120]))
+    doc["workloads"] = {"random": doc["workloads"].pop("shared-prefix")}
+    runs_cmp = doc["comparison"].pop("shared-prefix")
+    runs_cmp["round_targets"] = [[{"target": "median TTFT kv-aware / power-of-two <= 1.05",
+                                   "value": 0.9, "bound": 1.05, "ok": True}]]  # fmt: skip
+    doc["comparison"] = {"random": runs_cmp}
+    point = build_sweep([_write(tmp_path, "r.json", doc)], "random")["points"][0]
+    assert point["median_ttft_ratio"] == pytest.approx(1.1)
+    assert point["median_ttft_ratio_per_round"] == [None]
+
+
 def test_main_writes_the_sweep_json_and_figure(tmp_path):
     a = _write(tmp_path, "a.json", _doc(1.0, 150.0, 330.0, "d", ([140, 160], [300, 360])))
     b = _write(tmp_path, "b.json", _doc(2.0, 300.0, 1200.0, "e"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +98,17 @@ def _time_bucket(mods: Sequence[torch.nn.Module], rows: int, repeats: int) -> Bu
     return BucketTiming(rows, best[blas], best[packed])
 
 
+def _packed_projections(model: torch.nn.Module) -> Iterator[tuple[bool, torch.nn.Module]]:
+    """(is the LM head, module) for every projection that has a packed copy."""
+    for m in model.modules():
+        if getattr(m, "packed_weight", None) is None:
+            continue
+        if isinstance(m, ParallelLMHead):
+            yield True, m
+        elif isinstance(m, _ParallelLinearBase):
+            yield False, m
+
+
 def measure_packed_rows(
     model: torch.nn.Module,
     buckets: Sequence[int] = BUCKETS,
@@ -109,12 +120,10 @@ def measure_packed_rows(
     layers: list[torch.nn.Module] = []
     heads: list[torch.nn.Module] = []
     sampled = 0
-    for m in model.modules():
-        if getattr(m, "packed_weight", None) is None:
-            continue
-        if isinstance(m, ParallelLMHead):
+    for is_head, m in _packed_projections(model):
+        if is_head:
             heads.append(m)
-        elif isinstance(m, _ParallelLinearBase) and sampled < layer_sample_bytes:
+        elif sampled < layer_sample_bytes:
             layers.append(m)
             sampled += m.weight.numel() * m.weight.element_size()
     layer_t = [_time_bucket(layers, r, repeats) for r in buckets] if layers else []
@@ -130,14 +139,10 @@ def measure_packed_rows(
 
 
 def apply_packed_rows(model: torch.nn.Module, choice: PackedRowsChoice) -> None:
-    for m in model.modules():
-        if getattr(m, "packed_weight", None) is None:
-            continue
-        if isinstance(m, ParallelLMHead):
-            if choice.lm_head is not None:
-                m.packed_rows = choice.lm_head
-        elif isinstance(m, _ParallelLinearBase) and choice.layers is not None:
-            m.packed_rows = choice.layers
+    for is_head, m in _packed_projections(model):
+        table = choice.lm_head if is_head else choice.layers
+        if table is not None:
+            m.packed_rows = table
 
 
 def describe(choice: PackedRowsChoice) -> str:
